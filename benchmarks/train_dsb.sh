@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Benchmark + default-model recipe: compare target designs on the fixed 80:20 DSB split, then train the
+# better design on all fixed labels (thresholds from its validation run). Writes runs/ and logs.
+# Usage: benchmarks/train_dsb.sh [DATA] [WEIGHTS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${1:-../shared/data/dsb2018-stage1-train}
+WEIGHTS=${2:-../shared/weights/mobilenet_v2_imagenet.safetensors}
+EPOCHS=${EPOCHS:-8}
+FINAL_EPOCHS=${FINAL_EPOCHS:-12}
+export NO_ALBUMENTATIONS_UPDATE=1
+NS=.venv/bin/nucleiseg
+for design in contour distance; do
+  if [ ! -f runs/split-$design/model/metrics.json ]; then
+    /usr/bin/time -v $NS train --data "$DATA" --out runs/split-$design --design $design --epochs $EPOCHS \
+      --crops-per-image 2 --encoder-weights "$WEIGHTS" --quiet 2> runs/split-$design.time
+  fi
+done
+best=$(.venv/bin/python -c "
+import json
+s = {d: json.load(open(f'runs/split-{d}/model/metrics.json'))['validation']['dsb_score'] for d in ('contour', 'distance')}
+print(max(s, key=s.get))")
+echo "best design: $best"
+if [ ! -f runs/final-$best/model/weights.safetensors ]; then
+  /usr/bin/time -v $NS train --data "$DATA" --out runs/final-$best --design $best --epochs $FINAL_EPOCHS \
+    --crops-per-image 2 --val-fraction 0 --thresholds-from runs/split-$best/model \
+    --encoder-weights "$WEIGHTS" --quiet 2> runs/final-$best.time
+fi

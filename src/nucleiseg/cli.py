@@ -1,0 +1,300 @@
+"""Command line: a thin layer over the Python API (``nucleiseg <command> --help`` for each)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+EXAMPLES = """examples:
+  nucleiseg predict images/ -o results/                 # bundled model, every image in the folder
+  nucleiseg predict 'plate1/*.tif' -o out --channel 0 --outputs labels,csv
+  nucleiseg train --data data/dsb2018/stage1_train --out runs/mine
+  nucleiseg evaluate --model runs/mine/model --data data/dsb2018/stage1_test
+  nucleiseg export --format onnx -o model.onnx
+  nucleiseg download dsb2018 --dest data/
+"""
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a model on an annotated dataset",
+                       description="Train a MobileNetV2 U-Net. Writes a run folder with checkpoints, TensorBoard logs, "
+                                   "previews, curves and the model folder (RUN/model).",
+                       epilog="example: nucleiseg train --data ../shared/data/dsb2018-stage1-train --out runs/dsb --epochs 40",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="dataset folder (layouts: images/+labels/, inputs/+masks/, Kaggle <id>/images+masks)")
+    g.add_argument("--labels", default=None, help="label folder name in an images/+labels/ layout (default: "
+                                                  "labels_lopuhin_fixed if present, else labels)")
+    g.add_argument("--val-fraction", type=float, default=0.2, help="validation share of a seeded split (0: train on all)")
+    g.add_argument("--seed", type=int, default=0, help="seed for the split and the augmentation")
+    g.add_argument("--max-images", type=int, default=None, help="use only the first N images (quick runs)")
+    g = p.add_argument_group("model")
+    g.add_argument("--design", default="contour", choices=["semantic", "contour", "distance"],
+                   help="training targets: semantic mask, contour (interior/boundary), distance (mask + distance)")
+    g.add_argument("--encoder-weights", default="imagenet",
+                   help="'imagenet' (download torchvision's checkpoint), a .safetensors/.pth file, or 'none'")
+    g.add_argument("--freeze-encoder", action="store_true", help="keep the pretrained encoder fixed")
+    g = p.add_argument_group("training")
+    g.add_argument("--out", default="runs/nucleiseg", help="run folder")
+    g.add_argument("--epochs", type=int, default=40)
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--crop", type=int, default=256, help="random crop size at native resolution")
+    g.add_argument("--crops-per-image", type=int, default=1, help="random crops per training image per epoch")
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--patience", type=int, default=10, help="early stopping patience (epochs)")
+    g.add_argument("--boundary-weight", type=float, default=3.0, help="cross-entropy weight of the boundary class")
+    g.add_argument("--dice-weight", type=float, default=0.0, help="weight of an added foreground Dice loss")
+    g.add_argument("--precision", default="bf16-mixed", help="'bf16-mixed' (fast on CPUs with AMX/AVX512-BF16) or '32'")
+    g.add_argument("--thresholds-from", default=None, help="copy thresholds.json from this model folder "
+                                                           "(for runs without a validation split)")
+    g.add_argument("--resume", metavar="RUN", default=None, help="continue a killed run from its last checkpoint")
+    g.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
+    g = p.add_argument_group("hardware / distributed")
+    g.add_argument("--accelerator", default="cpu", help="cpu, gpu or auto")
+    g.add_argument("--devices", type=int, default=1, help="devices (processes) per node")
+    g.add_argument("--num-nodes", type=int, default=1)
+    g.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="score a model on an annotated dataset",
+                       description="Pixel accuracy, foreground IoU, Dice, DSB2018 score, AP@0.5, F1@0.5 per image "
+                                   "(CSV), per image type and overall (JSON), plus figures.",
+                       epilog="example: nucleiseg evaluate --model runs/dsb/model --data ../shared/data/dsb2018-stage1-train --subset val")
+    p.add_argument("--model", default=None, help="model folder (default: the bundled model)")
+    p.add_argument("--data", required=True, help="annotated dataset folder")
+    p.add_argument("--labels", default=None, help="label folder name (images/+labels/ layout)")
+    p.add_argument("--subset", default="all", choices=["all", "val", "train"],
+                   help="all images, or the model's own validation/training split")
+    p.add_argument("-o", "--out", default="evaluation", help="output folder")
+    p.add_argument("--tta", action="store_true", help="average predictions over flips")
+    p.add_argument("--quiet", action="store_true")
+
+
+def cmd_train(args) -> int:
+    from .training import TrainConfig, train
+
+    if args.resume:
+        model_dir = train(TrainConfig(data="", out=args.resume, progress=not args.quiet), resume=True)
+    else:
+        if not args.data:
+            raise SystemExit("nucleiseg train: --data is required (or --resume RUN)")
+        cfg = TrainConfig(data=args.data, out=args.out, design=args.design, labels=args.labels, epochs=args.epochs,
+                          batch_size=args.batch_size, crop=args.crop, lr=args.lr, val_fraction=args.val_fraction,
+                          seed=args.seed, encoder_weights=args.encoder_weights, freeze_encoder=args.freeze_encoder,
+                          precision=args.precision, patience=args.patience, boundary_weight=args.boundary_weight,
+                          dice_weight=args.dice_weight, crops_per_image=args.crops_per_image,
+                          num_workers=args.workers, max_images=args.max_images, thresholds_from=args.thresholds_from,
+                          accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,
+                          strategy=args.strategy, progress=not args.quiet)
+        model_dir = train(cfg)
+    print(f"model saved to {model_dir}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate, format_report
+    from .model import Model
+
+    report = evaluate(Model.load(args.model), args.data, args.out, labels=args.labels, subset=args.subset,
+                      tta=args.tta, progress=not args.quiet)
+    print(format_report(report))
+    print(f"written: {args.out}/metrics.json, per_image.csv, examples.png, best.png, worst.png")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="nucleiseg", description="Find cell nuclei in microscopy images.",
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"nucleiseg {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_predict(sub)
+    _add_export(sub)
+    _add_download(sub)
+    sub.add_parser("info", help="version, default model, backends, threads")
+    return parser
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="segment nuclei in images (files, folders, glob patterns)",
+                       description="Segment nuclei and write, per image, OUT/<stem>_labels.tif (uint16 instance labels), "
+                                   "<stem>_mask.png, <stem>_overlay.png and <stem>_nuclei.csv, plus OUT/summary.csv.",
+                       epilog="examples:\n  nucleiseg predict images/ -o results\n"
+                              "  nucleiseg predict 'scans/*.tif' -o out --channel 1 --outputs labels,csv --tta\n"
+                              "  nucleiseg predict big.tif -o out --tile-size 1024 --backend onnx",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", help="image files, folders or glob patterns (PNG, TIFF, JPEG)")
+    p.add_argument("-o", "--out", default="results", help="output folder (default: results)")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, help="model folder (default: the bundled model)")
+    g.add_argument("--backend", default="torch", choices=["torch", "onnx"], help="inference engine")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for the network")
+    g = p.add_argument_group("input")
+    g.add_argument("--channel", type=int, default=None, help="channel index of the nuclear stain in multi-channel images")
+    g.add_argument("--recursive", action="store_true", help="also look in sub-folders")
+    g.add_argument("--max-pixels", type=int, default=None, help="refuse images with more pixels than this")
+    g = p.add_argument_group("algorithm")
+    g.add_argument("--tta", action="store_true", help="test-time augmentation: average over flips (slower)")
+    g.add_argument("--tile-size", type=int, default=None, help="tile side for large images (default: from the model)")
+    g.add_argument("--mask-threshold", type=float, default=None, help="override the model's nucleus probability threshold")
+    g.add_argument("--marker-threshold", type=float, default=None, help="override the model's seed threshold")
+    g.add_argument("--min-size", type=int, default=None, help="override the smallest nucleus kept (pixels)")
+    g = p.add_argument_group("output")
+    g.add_argument("--outputs", default="labels,mask,overlay,csv",
+                   help="comma-separated: labels, mask, overlay, csv (per image) and rle (Kaggle CSV for the run)")
+    g.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    g.add_argument("--resume", action="store_true", help="skip images whose outputs are all present")
+    g.add_argument("--quiet", action="store_true", help="no progress bar; errors and the final line only")
+    g = p.add_argument_group("distributed")
+    g.add_argument("--dask", metavar="ADDRESS", default=None, help="Dask scheduler address, e.g. tcp://host:8786")
+    g.add_argument("--workers", type=int, default=None, help="start a local Dask cluster with N worker processes")
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a model for other tools (ONNX)",
+                       description="Export image -> probability maps with dynamic batch/height/width. Post-processing "
+                                   "(watershed) stays in nucleiseg; see the model's thresholds.json.",
+                       epilog="example: nucleiseg export --format onnx -o nuclei.onnx")
+    p.add_argument("--model", default=None, help="model folder (default: the bundled model)")
+    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("-o", "--out", default="model.onnx")
+
+
+def _add_download(sub) -> None:
+    p = sub.add_parser("download", help="download a public dataset and convert it to images/ + labels/",
+                       description="Fetch BBBC038 (DSB2018) stage1_train, stage1_test and the stage1 solution from the "
+                                   "Broad Bioimage Benchmark Collection; verify, resume, convert.",
+                       epilog="example: nucleiseg download dsb2018 --dest data/")
+    p.add_argument("dataset", choices=["dsb2018"])
+    p.add_argument("--dest", default="data", help="destination folder")
+    p.add_argument("--url", default=None, help="base URL of a mirror (default: the BBBC server)")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _load_model(args):
+    from .model import Model
+
+    model = Model.load(args.model)
+    if getattr(args, "backend", "torch") != "torch" or getattr(args, "threads", None):
+        model.use_backend(args.backend, threads=args.threads)
+    overrides = {"mask": getattr(args, "mask_threshold", None), "marker": getattr(args, "marker_threshold", None),
+                 "min_size": getattr(args, "min_size", None)}
+    model.thresholds.update({k: v for k, v in overrides.items() if v is not None})
+    return model
+
+
+def cmd_predict(args) -> int:
+    import time
+
+    from .batch import Options, collect_inputs, predict_files
+    from .io import DEFAULT_MAX_PIXELS
+    from .outputs import OUTPUT_KINDS
+
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    kinds = [k.strip() for k in args.outputs.split(",") if k.strip()]
+    unknown = sorted(set(kinds) - set(OUTPUT_KINDS) - {"rle"})
+    if unknown:
+        raise ValueError(f"unknown output kind(s) {unknown}; choose from {', '.join(OUTPUT_KINDS)}, rle")
+    paths = collect_inputs(args.inputs, recursive=args.recursive)
+    from pathlib import Path
+
+    opts = Options(Path(args.out), tuple(k for k in kinds if k != "rle"), args.channel, args.tta, args.tile_size,
+                   args.overwrite, args.resume, "rle" in kinds, args.max_pixels or DEFAULT_MAX_PIXELS)
+    started = time.perf_counter()
+    report = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    if args.dask or args.workers:
+        from .distributed import predict_files_dask
+
+        results = predict_files_dask(args.model, paths, opts, address=args.dask, n_workers=args.workers,
+                                     backend=args.backend, progress=not args.quiet, report=report)
+    else:
+        results = predict_files(_load_model(args), paths, opts, progress=not args.quiet, report=report)
+    done = [r for r in results if r.status == "done"]
+    skipped = [r for r in results if r.status == "skipped"]
+    failed = [r for r in results if r.status == "failed"]
+    elapsed = time.perf_counter() - started
+    nuclei = sum(r.n_nuclei for r in done)
+    print(f"nucleiseg: {len(done)} image(s) segmented ({nuclei} nuclei), {len(skipped)} skipped, "
+          f"{len(failed)} failed in {elapsed:.1f} s -> {args.out}/summary.csv")
+    if failed:
+        print("failed: " + ", ".join(str(r.path) for r in failed), file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_export(args) -> int:
+    from .model import Model
+
+    path = Model.load(args.model).export_onnx(args.out)
+    print(f"exported {path} (input 'image' N x 3 x H x W float32, H and W multiples of 32; output 'maps')")
+    return 0
+
+
+def cmd_download(args) -> int:
+    from .datasets import download_dsb2018
+
+    dest = download_dsb2018(args.dest, base_url=args.url, quiet=args.quiet)
+    print(f"dataset ready in {dest}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    import platform
+
+    import torch
+
+    from . import __version__
+    from .model import DEFAULT_MODEL_DIR, Model
+
+    print(f"nucleiseg {__version__} (Python {platform.python_version()}, torch {torch.__version__})")
+    try:
+        model = Model.load()
+        card = model.config.get("training", {})
+        print(f"default model: {DEFAULT_MODEL_DIR} (design {model.design}, trained {card.get('epochs_run', '?')} epochs, "
+              f"thresholds {{mask {model.thresholds['mask']}, marker {model.thresholds['marker']}, min_size {model.thresholds['min_size']}}})")
+    except ValueError as exc:
+        print(f"default model: unavailable ({exc})")
+    try:
+        import onnxruntime
+
+        print(f"backends: torch, onnx (onnxruntime {onnxruntime.__version__})")
+    except ImportError:
+        print("backends: torch (onnxruntime not installed)")
+    print(f"threads: torch {torch.get_num_threads()}, CPUs {os.cpu_count()}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "export": cmd_export,
+            "download": cmd_download, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+                        format="%(levelname)s: %(message)s")
+    handler = COMMANDS[args.command]
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print("nucleiseg: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, ValueError, RuntimeError) as exc:
+        if args.debug:
+            raise
+        print(f"nucleiseg {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

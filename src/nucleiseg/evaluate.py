@@ -1,0 +1,130 @@
+"""Evaluation on annotated data: pixel and instance metrics per image, per image type and overall;
+threshold tuning on validation data; figures of examples and of the best and worst images."""
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .data import find_samples, load_items
+from .figures import outlines_figure
+from .metrics import instance_metrics, pixel_metrics, pooled_dsb_score, pooled_matching
+from .postprocess import instances
+
+IMAGE_TYPES = ("fluorescence", "brightfield", "histology")
+
+
+def image_type(image: np.ndarray) -> str:
+    """Group an image by colour statistics: grey on dark = fluorescence, grey on bright = brightfield,
+    coloured = histology (stained tissue)."""
+    img = np.asarray(image, np.float32)
+    if img.ndim == 3 and img.shape[2] == 3:
+        spread = float(np.mean(np.abs(img[..., 0] - img[..., 1]) + np.abs(img[..., 1] - img[..., 2])))
+        if spread > 0.04:
+            return "histology"
+        img = img.mean(axis=2)
+    return "brightfield" if float(np.median(img)) > 0.5 else "fluorescence"
+
+
+def _score(maps: list[np.ndarray], labels: list[np.ndarray], design: str, thresholds: dict) -> float:
+    from .metrics import dsb_score
+
+    return float(np.mean([dsb_score(t, instances(m, design, thresholds)) for m, t in zip(maps, labels)]))
+
+
+def tune_thresholds(maps: list[np.ndarray], labels: list[np.ndarray], design: str) -> dict:
+    """Choose mask / marker thresholds and minimum size maximising the mean DSB score (coordinate search)."""
+    from .postprocess import DEFAULT_THRESHOLDS
+
+    best = dict(DEFAULT_THRESHOLDS)
+    grid = {"mask": [0.3, 0.4, 0.5, 0.6, 0.7], "marker": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
+            "min_size": [0, 5, 10, 15, 25, 40]}
+    if design == "semantic":
+        del grid["marker"]
+    best_score = _score(maps, labels, design, best)
+    for _round in range(2):
+        for key, values in grid.items():
+            for v in values:
+                trial = {**best, key: v}
+                s = _score(maps, labels, design, trial)
+                if s > best_score + 1e-6:
+                    best, best_score = trial, s
+    return {**best, "tuned_dsb_score": round(best_score, 5), "tuned_on": f"{len(maps)} validation images"}
+
+
+def _summarise(rows: list[dict]) -> dict:
+    keys = [k for k in rows[0] if isinstance(rows[0][k], (int, float)) and not isinstance(rows[0][k], bool)]
+    return {"n_images": len(rows), **{k: float(np.mean([r[k] for r in rows])) for k in keys if k not in ("n_true", "n_pred", "tp50", "fp50", "fn50")},
+            "n_true": int(sum(r["n_true"] for r in rows)), "n_pred": int(sum(r["n_pred"] for r in rows))}
+
+
+def evaluate_items(model, items: list[tuple[str, np.ndarray, np.ndarray]], maps: list[np.ndarray] | None = None,
+                   tta: bool = False, keep_predictions: bool = False) -> dict:
+    """Metrics for cached (name, normalised image, labels) items: per-image rows, summary, per type."""
+    rows, preds = [], []
+    for i, (name, image, true) in enumerate(items):
+        started = time.perf_counter()
+        m = maps[i] if maps is not None else model.maps_from_normalized(image, tta=tta)
+        pred = instances(m, model.design, model.thresholds)
+        row = {"image": name, "type": image_type(image), "height": true.shape[0], "width": true.shape[1],
+               **pixel_metrics(true > 0, pred > 0), **instance_metrics(true, pred),
+               "seconds": time.perf_counter() - started}
+        rows.append(row)
+        preds.append(pred)
+    summary = _summarise(rows)
+    summary["pooled"] = {"dsb_score": pooled_dsb_score([it[2] for it in items], preds),
+                         **{f"{k}50": v for k, v in pooled_matching([it[2] for it in items], preds).items()
+                            if k in ("ap", "f1", "precision", "recall")}}
+    groups = {t: _summarise([r for r in rows if r["type"] == t]) for t in IMAGE_TYPES if any(r["type"] == t for r in rows)}
+    result = {"summary": summary, "by_type": groups, "rows": rows}
+    if keep_predictions:
+        result["predictions"] = preds
+    return result
+
+
+def evaluate(model, data: str | Path, out: str | Path, labels: str | None = None, subset: str = "all",
+             tta: bool = False, progress: bool = True) -> dict:
+    """Evaluate ``model`` on a dataset folder; write metrics.json, per_image.csv and figures into ``out``.
+
+    ``subset``: 'all' images, or 'val' / 'train' to use the split stored in the model config.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _, samples = find_samples(data, labels)
+    if subset != "all":
+        wanted = set(model.config.get("data", {}).get(subset, []))
+        samples = [s for s in samples if s.name in wanted]
+        if not samples:
+            raise ValueError(f"no images of the model's {subset!r} split found in {data}")
+    items = load_items(samples, model.config["normalization"], progress=progress)
+    result = evaluate_items(model, items, tta=tta, keep_predictions=True)
+    preds = result.pop("predictions")
+    rows = result["rows"]
+    with open(out / "per_image.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    report = {"data": str(data), "subset": subset, "tta": tta, "model": str(model.path),
+              "thresholds": model.thresholds, "summary": result["summary"], "by_type": result["by_type"]}
+    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    order = np.argsort([r["dsb_score"] for r in rows])
+    pick = lambda idx: [(rows[i]["image"], items[i][1], items[i][2], preds[i], rows[i]["dsb_score"]) for i in idx]  # noqa: E731
+    outlines_figure(pick(order[:4]), out / "worst.png", "Worst images")
+    outlines_figure(pick(order[::-1][:4]), out / "best.png", "Best images")
+    examples = np.linspace(0, len(rows) - 1, min(8, len(rows))).round().astype(int)
+    outlines_figure(pick(examples), out / "examples.png", "Examples")
+    return report
+
+
+def format_report(report: dict) -> str:
+    """A short human-readable table of the summary and per-type metrics."""
+    keys = ("n_images", "pixel_accuracy", "foreground_iou", "dice", "dsb_score", "ap50", "f1_50")
+    lines = ["group          " + " ".join(f"{k:>14}" for k in keys)]
+    for name, s in [("all", report["summary"]), *report["by_type"].items()]:
+        lines.append(f"{name:<15}" + " ".join(f"{s[k]:>14.4f}" if k != "n_images" else f"{s[k]:>14d}" for k in keys))
+    pooled = report["summary"]["pooled"]
+    lines.append(f"pooled over images: DSB score {pooled['dsb_score']:.4f}, AP@0.5 {pooled['ap50']:.4f}, F1@0.5 {pooled['f150']:.4f}")
+    return "\n".join(lines)

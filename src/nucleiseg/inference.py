@@ -1,0 +1,130 @@
+"""Running the network on whole images: padding, overlapping tiles with blending, flip TTA, backends.
+
+A *runner* maps a float32 batch (N, 3, H, W) with H, W multiples of 32 to probability maps
+(N, C, H, W). Two runners exist: PyTorch (:class:`TorchRunner`) and ONNX Runtime (:class:`OnnxRunner`).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .network import STRIDE
+from .transforms import pad_to_multiple
+
+Runner = Callable[[np.ndarray], np.ndarray]
+
+
+class MapsNet(torch.nn.Module):
+    """The network followed by its target design's activation: image -> probability maps (for export too)."""
+
+    def __init__(self, net: torch.nn.Module, design: str):
+        super().__init__()
+        self.net, self.design = net, design
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .targets import probabilities
+
+        return probabilities(self.net(x), self.design)
+
+
+class TorchRunner:
+    """Evaluate a :class:`MapsNet` with PyTorch (no autograd, float32)."""
+
+    def __init__(self, maps_net: MapsNet):
+        self.maps_net = maps_net.eval()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return self.maps_net(torch.from_numpy(batch)).numpy()
+
+
+class OnnxRunner:
+    """Evaluate an exported ONNX model with onnxruntime."""
+
+    def __init__(self, path: str, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, np.float32)})[0]
+
+
+def _run_padded(runner: Runner, image: np.ndarray, tta: bool) -> np.ndarray:
+    """Maps (C, H, W) for one normalised (H, W, 3) image that fits in one pass; TTA averages 4 flips."""
+    padded, (h, w) = pad_to_multiple(image, STRIDE)
+    x = np.ascontiguousarray(padded.transpose(2, 0, 1)[None], np.float32)
+    if not tta:
+        return runner(x)[0, :, :h, :w]
+    flips = [(), (3,), (2,), (2, 3)]
+    total = None
+    for axes in flips:
+        xf = np.flip(x, axes) if axes else x
+        out = runner(np.ascontiguousarray(xf))
+        out = np.flip(out, axes) if axes else out
+        total = out if total is None else total + out
+    return (total / len(flips))[0, :, :h, :w]
+
+
+def _ramp(n: int, overlap: int) -> np.ndarray:
+    """1-D blending weights: linear ramps of length ``overlap`` at both ends."""
+    w = np.ones(n, np.float32)
+    if overlap > 0:
+        ramp = (np.arange(overlap, dtype=np.float32) + 0.5) / overlap
+        w[:overlap] = np.minimum(w[:overlap], ramp)
+        w[-overlap:] = np.minimum(w[-overlap:], ramp[::-1])
+    return w
+
+
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles of length ``tile`` covering ``size`` with at least ``overlap`` shared."""
+    if size <= tile:
+        return [0]
+    step = tile - overlap
+    n = int(np.ceil((size - overlap) / step))
+    starts = np.linspace(0, size - tile, n).round().astype(int)
+    return sorted(set(starts.tolist()))
+
+
+def predict_maps(runner: Runner, image: np.ndarray, tile_size: int = 1024, overlap: int = 128,
+                 tta: bool = False, out_channels: int | None = None) -> np.ndarray:
+    """Probability maps (C, H, W) float32 for a normalised (H, W, 3) image of any size.
+
+    Images larger than ``tile_size`` are cut into overlapping tiles whose maps are blended with
+    linear ramps before post-processing, so nuclei on tile borders are neither cut nor doubled;
+    memory for the network is bounded by the tile size.
+    """
+    h, w = image.shape[:2]
+    if h <= tile_size and w <= tile_size:
+        return _run_padded(runner, image, tta)
+    tile_size = max(STRIDE, tile_size - tile_size % STRIDE)
+    overlap = min(overlap, tile_size // 2)
+    acc, weight = None, np.zeros((h, w), np.float32)
+    for y in tile_starts(h, tile_size, overlap):
+        for x in tile_starts(w, tile_size, overlap):
+            tile = image[y:y + tile_size, x:x + tile_size]
+            maps = _run_padded(runner, tile, tta)
+            th, tw = tile.shape[:2]
+            # no ramp on the image's own edges: only where a neighbouring tile exists
+            wy = _ramp(th, overlap if h > tile_size else 0)
+            wx = _ramp(tw, overlap if w > tile_size else 0)
+            if y == 0:
+                wy[:overlap] = 1
+            if y + th >= h:
+                wy[-overlap:] = 1
+            if x == 0:
+                wx[:overlap] = 1
+            if x + tw >= w:
+                wx[-overlap:] = 1
+            wt = np.outer(wy, wx)
+            if acc is None:
+                acc = np.zeros((maps.shape[0], h, w), np.float32)
+            acc[:, y:y + th, x:x + tw] += maps * wt
+            weight[y:y + th, x:x + tw] += wt
+    return acc / weight

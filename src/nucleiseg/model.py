@@ -1,0 +1,252 @@
+"""The trained model as a self-describing folder, and the user-facing :class:`Model` API.
+
+A model folder holds ``config.json`` (architecture, target design, normalisation, tiling, training
+settings, data split, package version), ``weights.safetensors``, ``thresholds.json`` (post-processing
+thresholds tuned on validation data) and optionally ``metrics.json`` and a model card ``README.md``.
+Loading validates everything before any weight is copied: a mismatch is a clear error, never a
+half-loaded model.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .inference import MapsNet, OnnxRunner, TorchRunner, predict_maps
+from .io import read_image
+from .network import STRIDE, UNet
+from .postprocess import DEFAULT_THRESHOLDS, instances
+from .targets import DESIGNS, n_channels
+from .transforms import DEFAULT_NORMALIZATION, normalize
+
+FORMAT = "nucleiseg-model"
+FORMAT_VERSION = 1
+ARCHITECTURE = "unet-mobilenetv2"
+DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"
+CLASS_NAMES = {"semantic": ["background", "nucleus"], "contour": ["background", "interior", "boundary"],
+               "distance": ["background", "nucleus", "distance"]}
+
+
+class ModelError(ValueError):
+    """A model folder cannot be used; the message says which file and why."""
+
+
+def make_config(design: str, decoder_channels: tuple[int, ...] = (96, 64, 48, 32, 16),
+                normalization: dict | None = None, tile_size: int = 1024, tile_overlap: int = 128,
+                training: dict | None = None, data: dict | None = None) -> dict:
+    """A complete model config; every setting needed to rebuild the network and its pre-processing."""
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "nucleiseg_version": __version__,
+        "architecture": {"name": ARCHITECTURE, "encoder": "mobilenet_v2", "decoder": "transposed-conv",
+                         "decoder_channels": list(decoder_channels), "out_channels": n_channels(design),
+                         "stride": STRIDE, "in_channels": 3},
+        "design": design, "classes": CLASS_NAMES[design],
+        "normalization": {**DEFAULT_NORMALIZATION, **(normalization or {})},
+        "inference": {"tile_size": tile_size, "tile_overlap": tile_overlap},
+        "training": training or {}, "data": data or {},
+    }
+
+
+def validate_config(config: dict, where: str = "config.json") -> None:
+    """Refuse configs of another format, version, architecture, or inconsistent channels."""
+    def fail(msg: str):
+        raise ModelError(f"{where}: {msg}")
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        fail(f"not a nucleiseg model config (format {config.get('format') if isinstance(config, dict) else None!r})")
+    if config.get("format_version") != FORMAT_VERSION:
+        fail(f"model format version {config.get('format_version')!r} is not supported by nucleiseg {__version__} "
+             f"(expects {FORMAT_VERSION}); re-export the model or upgrade nucleiseg")
+    arch = config.get("architecture", {})
+    if arch.get("name") != ARCHITECTURE:
+        fail(f"architecture {arch.get('name')!r} is not {ARCHITECTURE!r}")
+    design = config.get("design")
+    if design not in DESIGNS:
+        fail(f"unknown target design {design!r}")
+    if arch.get("out_channels") != n_channels(design):
+        fail(f"design {design!r} needs {n_channels(design)} output channels, config says {arch.get('out_channels')}")
+    if len(arch.get("decoder_channels", [])) != 5:
+        fail("architecture.decoder_channels must have 5 entries")
+
+
+def build_network(config: dict) -> UNet:
+    """An untrained network with the architecture described by ``config``."""
+    arch = config["architecture"]
+    return UNet(arch["out_channels"], tuple(arch["decoder_channels"]))
+
+
+class Model:
+    """A trained nucleus segmentation model: image in, instance labels out.
+
+    >>> model = Model.load()                      # the bundled default model
+    >>> labels = model.predict(image)             # (H, W) int32, 0 = background
+    """
+
+    def __init__(self, net: UNet, config: dict, thresholds: dict | None = None, path: Path | None = None):
+        validate_config(config)
+        self.net = net.eval()
+        self.config = config
+        self.thresholds = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
+        self.path = path
+        self.backend = "torch"
+        self._runner = TorchRunner(MapsNet(self.net, self.design))
+
+    @property
+    def design(self) -> str:
+        return self.config["design"]
+
+    # ---- folder round trip -------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, backend: str = "torch") -> "Model":
+        """Load a model folder (default: the bundled model); ``backend`` 'torch' or 'onnx'."""
+        path = Path(path) if path is not None else DEFAULT_MODEL_DIR
+        if not path.is_dir():
+            raise ModelError(f"{path}: model folder not found")
+        config = _read_json(path / "config.json")
+        validate_config(config, str(path / "config.json"))
+        net = build_network(config)
+        weights = path / "weights.safetensors"
+        if not weights.is_file():
+            raise ModelError(f"{weights}: weights file missing")
+        try:
+            state = load_file(weights)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ModelError(f"{weights}: corrupt weights file ({exc})") from None
+        expected = net.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+        if missing or unexpected or wrong:
+            raise ModelError(f"{weights}: tensors do not match config.json ({len(missing)} missing e.g. {missing[:2]}, "
+                             f"{len(unexpected)} unexpected e.g. {unexpected[:2]}, {len(wrong)} wrong shape e.g. {wrong[:2]})")
+        net.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+        thresholds_file = path / "thresholds.json"
+        thresholds = _read_json(thresholds_file) if thresholds_file.exists() else None
+        model = cls(net, config, thresholds, path=path)
+        if backend != "torch":
+            model.use_backend(backend)
+        return model
+
+    def save(self, path: str | os.PathLike, half: bool = False, metrics: dict | None = None) -> Path:
+        """Write the model folder; ``half`` stores fp16 weights (the bundled model), loaded back as fp32."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: (v.half() if half and v.is_floating_point() else v).contiguous()
+                 for k, v in self.net.state_dict().items()}
+        save_file(state, str(path / "weights.safetensors"), metadata={"format": FORMAT, "dtype": "float16" if half else "float32"})
+        _write_json(path / "config.json", self.config)
+        _write_json(path / "thresholds.json", self.thresholds)
+        if metrics is not None:
+            _write_json(path / "metrics.json", metrics)
+        return path
+
+    # ---- backends ------------------------------------------------------------------------------
+    def export_onnx(self, path: str | os.PathLike, opset: int = 17) -> Path:
+        """Export image -> probability maps to ONNX with dynamic batch, height and width."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        maps_net = MapsNet(self.net, self.design).eval()
+        dummy = torch.rand(1, 3, 64, 64)
+        torch.onnx.export(maps_net, (dummy,), str(path), input_names=["image"], output_names=["maps"],
+                          dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"},
+                                        "maps": {0: "batch", 2: "height", 3: "width"}},
+                          opset_version=opset, dynamo=False)
+        return path
+
+    def use_backend(self, backend: str, onnx_path: str | os.PathLike | None = None, threads: int | None = None) -> None:
+        """Switch between 'torch' and 'onnx' (exported next to the model or in the cache if needed)."""
+        if backend == "torch":
+            self._runner = TorchRunner(MapsNet(self.net, self.design))
+        elif backend == "onnx":
+            if onnx_path is None:
+                onnx_path = self._cached_onnx()
+            self._runner = OnnxRunner(str(onnx_path), threads=threads)
+        else:
+            raise ValueError(f"unknown backend {backend!r}; use 'torch' or 'onnx'")
+        self.backend = backend
+
+    def _cached_onnx(self) -> Path:
+        from .weights import cache_dir
+
+        if self.path is not None and (self.path / "model.onnx").is_file():
+            return self.path / "model.onnx"
+        digest = _weights_digest(self.net)
+        target = cache_dir() / "onnx" / f"{digest}.onnx"
+        if not target.is_file():
+            tmp = target.with_name(f"{target.stem}.{os.getpid()}.tmp.onnx")
+            self.export_onnx(tmp)
+            os.replace(tmp, target)
+        return target
+
+    # ---- prediction ------------------------------------------------------------------------------
+    def predict_maps(self, image: np.ndarray, tta: bool = False, tile_size: int | None = None) -> np.ndarray:
+        """Probability maps (C, H, W) for a raw (H, W) or (H, W, 3) image of any dtype and size."""
+        return self.maps_from_normalized(normalize(image, self.config["normalization"]), tta, tile_size)
+
+    def maps_from_normalized(self, image: np.ndarray, tta: bool = False, tile_size: int | None = None) -> np.ndarray:
+        """Probability maps for an image already normalised with this model's settings (H, W, 3)."""
+        inf = self.config.get("inference", {})
+        return predict_maps(self._runner, image, tile_size=tile_size or inf.get("tile_size", 1024),
+                            overlap=inf.get("tile_overlap", 128), tta=tta)
+
+    def predict(self, image: np.ndarray, tta: bool = False, tile_size: int | None = None,
+                thresholds: dict | None = None) -> np.ndarray:
+        """Instance labels (H, W) int32 for a raw image: 0 background, 1..N one label per nucleus."""
+        maps = self.predict_maps(image, tta=tta, tile_size=tile_size)
+        return instances(maps, self.design, {**self.thresholds, **(thresholds or {})})
+
+    def predict_many(self, paths: Iterable[str | os.PathLike], channel: int | None = None,
+                     **kwargs) -> Iterator[tuple[Path, np.ndarray | Exception]]:
+        """Yield (path, labels) for each file, or (path, error) for files that cannot be read."""
+        for p in paths:
+            try:
+                image = read_image(p, channel=channel)
+            except ValueError as exc:
+                yield Path(p), exc
+                continue
+            yield Path(p), self.predict(image, **kwargs)
+
+
+def load(path: str | os.PathLike | None = None, backend: str = "torch") -> Model:
+    """Load a model folder (the bundled default model when ``path`` is None)."""
+    return Model.load(path, backend=backend)
+
+
+def _weights_digest(net: torch.nn.Module) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(net.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ModelError(f"{path}: missing")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    from .io import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

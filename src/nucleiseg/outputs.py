@@ -1,0 +1,122 @@
+"""What prediction writes: label TIFF, binary mask PNG, overlay PNG, per-nucleus CSV, run-length encoding.
+
+Every file is written atomically (temporary file + rename), so an interrupted run never leaves a
+half-written output behind.
+"""
+from __future__ import annotations
+
+import csv
+import io as _io
+from pathlib import Path
+
+import numpy as np
+from skimage.measure import regionprops_table
+from skimage.segmentation import find_boundaries
+
+from .io import atomic_path, write_png, write_tiff
+from .transforms import to_display_rgb
+
+OUTPUT_KINDS = ("labels", "mask", "overlay", "csv")
+RUN_OUTPUTS = ("summary", "rle")
+PROPERTIES = ("label", "centroid", "area", "perimeter", "eccentricity", "solidity", "bbox",
+              "intensity_mean", "intensity_max")
+
+
+def output_paths(out_dir: Path, stem: str, kinds: tuple[str, ...]) -> dict[str, Path]:
+    """Where each per-image output of ``stem`` goes."""
+    names = {"labels": f"{stem}_labels.tif", "mask": f"{stem}_mask.png", "overlay": f"{stem}_overlay.png",
+             "csv": f"{stem}_nuclei.csv"}
+    return {k: out_dir / names[k] for k in kinds}
+
+
+def label_dtype(labels: np.ndarray):
+    """uint16 when the count fits (Fiji/napari read it natively), else uint32."""
+    return np.uint16 if labels.max() < 65536 else np.uint32
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, color=(255, 40, 40)) -> np.ndarray:
+    """8-bit RGB image with each nucleus outlined."""
+    rgb = to_display_rgb(image)
+    rgb[find_boundaries(labels, mode="inner")] = color
+    return rgb
+
+
+def measurements(labels: np.ndarray, image: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-nucleus table via regionprops_table; intensities from the raw image (mean over colour channels)."""
+    intensity = image.mean(axis=2) if image.ndim == 3 else image
+    table = regionprops_table(labels, intensity_image=intensity.astype(np.float32), properties=PROPERTIES)
+    rename = {"centroid-0": "centroid_y", "centroid-1": "centroid_x", "bbox-0": "bbox_min_y", "bbox-1": "bbox_min_x",
+              "bbox-2": "bbox_max_y", "bbox-3": "bbox_max_x"}
+    return {rename.get(k, k): v for k, v in table.items()}
+
+
+def write_table(path: Path, columns: dict[str, np.ndarray]) -> None:
+    """Write a column dict as CSV, atomically."""
+    keys = list(columns)
+    n = len(columns[keys[0]]) if keys else 0
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(keys)
+        for i in range(n):
+            writer.writerow([_fmt(columns[k][i]) for k in keys])
+
+
+def _fmt(v):
+    if isinstance(v, (float, np.floating)):
+        return f"{float(v):.6g}"
+    return int(v) if isinstance(v, (np.integer,)) else v
+
+
+def write_outputs(out_dir: Path, stem: str, image: np.ndarray, labels: np.ndarray,
+                  kinds: tuple[str, ...] = OUTPUT_KINDS) -> dict[str, Path]:
+    """Write the requested per-image outputs; returns their paths."""
+    paths = output_paths(out_dir, stem, kinds)
+    if "labels" in paths:
+        write_tiff(paths["labels"], labels.astype(label_dtype(labels)), compression="zlib",
+                   metadata={"axes": "YX"})
+    if "mask" in paths:
+        write_png(paths["mask"], np.where(labels > 0, 255, 0).astype(np.uint8))
+    if "overlay" in paths:
+        write_png(paths["overlay"], overlay(image, labels))
+    if "csv" in paths:
+        write_table(paths["csv"], measurements(labels, image))
+    return paths
+
+
+def rle_encode(mask: np.ndarray) -> str:
+    """Kaggle DSB run-length encoding of a binary mask: 1-based 'start length' pairs, column-major order."""
+    pixels = np.concatenate([[0], np.asarray(mask, bool).T.ravel().astype(np.int8), [0]])
+    runs = np.flatnonzero(pixels[1:] != pixels[:-1]) + 1
+    runs[1::2] -= runs[::2]
+    return " ".join(map(str, runs))
+
+
+def rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
+    """Inverse of :func:`rle_encode`: a boolean (H, W) mask."""
+    values = np.asarray(rle.split(), dtype=np.int64)
+    flat = np.zeros(shape[0] * shape[1], bool)
+    for start, length in zip(values[::2] - 1, values[1::2]):
+        flat[start:start + length] = True
+    return flat.reshape(shape[1], shape[0]).T
+
+
+def rle_rows(image_id: str, labels: np.ndarray) -> list[tuple[str, str]]:
+    """(ImageId, EncodedPixels) rows, one per nucleus, as the DSB2018 submission format."""
+    from scipy import ndimage as ndi
+
+    rows = []
+    for i, sl in enumerate(ndi.find_objects(labels), start=1):
+        if sl is not None:
+            full = np.zeros(labels.shape, bool)
+            full[sl] = labels[sl] == i
+            rows.append((image_id, rle_encode(full)))
+    return rows
+
+
+def csv_text(header: list[str], rows: list) -> str:
+    """Rows as CSV text (for run-level files assembled in memory)."""
+    buf = _io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()

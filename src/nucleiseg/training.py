@@ -1,0 +1,320 @@
+"""Training on PyTorch Lightning: Adam, cross-entropy (+Dice), accuracy / IoU / DSB score, early stopping,
+ReduceLROnPlateau, checkpoints every epoch, TensorBoard, prediction previews and curves.
+
+A run folder holds ``train_config.json``, ``checkpoints/`` (``last.ckpt`` each epoch, ``best.ckpt``),
+``logs/`` (TensorBoard), ``previews/`` (input | true | predicted PNGs), ``history.csv`` + ``curves.png``,
+and ``model/`` (the model folder, see :mod:`nucleiseg.model`).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .data import SegmentationDataset, find_samples, load_items, split
+from .model import Model, build_network, make_config
+from .network import STRIDE
+from .postprocess import instances
+from .targets import foreground, loss as target_loss, probabilities
+from .weights import load_encoder_weights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Every training setting; saved in the run folder and the model config."""
+
+    data: str
+    out: str = "runs/nucleiseg"
+    design: str = "contour"
+    labels: str | None = None
+    epochs: int = 40
+    batch_size: int = 8
+    crop: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    val_fraction: float = 0.2
+    seed: int = 0
+    encoder_weights: str | None = "imagenet"
+    freeze_encoder: bool = False
+    precision: str = "bf16-mixed"
+    patience: int = 10
+    boundary_weight: float = 3.0
+    dice_weight: float = 0.0
+    crops_per_image: int = 1
+    num_workers: int = 0
+    max_images: int | None = None
+    previews: int = 4
+    thresholds_from: str | None = None
+    accelerator: str = "cpu"
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    progress: bool = True
+    decoder_channels: list = field(default_factory=lambda: [96, 64, 48, 32, 16])
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Shuffles per (seed, epoch) and yields (epoch, index) keys, so a resumed run sees the same crops."""
+
+    def __init__(self, n: int, seed: int, repeats: int = 1):
+        self.n, self.seed, self.repeats, self.epoch = n, seed, repeats, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n * self.repeats
+
+    def __iter__(self):
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self))
+        return iter([(self.epoch, int(i) % self.n, int(i)) for i in order])
+
+
+class TrainDataset(SegmentationDataset):
+    """Augmented random crops whose randomness depends only on (seed, epoch, draw)."""
+
+    def __init__(self, items, design: str, crop: int, seed: int):
+        super().__init__(items, design, crop=crop, augment=True)
+        self.seed = seed
+
+    def __getitem__(self, key):
+        epoch, index, draw = key
+        self.transform.set_random_seed(int(np.random.default_rng([self.seed, epoch, draw]).integers(2**31)))
+        return super().__getitem__(index)
+
+
+class ValDataset(SegmentationDataset):
+    """Whole validation images with their targets and instance labels."""
+
+    def __getitem__(self, index):
+        image, target = super().__getitem__(index)
+        return image, target, torch.from_numpy(self.items[index][2])
+
+
+def _pad(x: torch.Tensor) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % STRIDE, (-w) % STRIDE
+    if ph == 0 and pw == 0:
+        return x
+    mode = "reflect" if ph < h and pw < w else "replicate"
+    return F.pad(x, (0, pw, 0, ph), mode=mode)
+
+
+class SegmentationModule(L.LightningModule):
+    """The network, its loss and metrics; Adam + ReduceLROnPlateau."""
+
+    def __init__(self, model_config: dict, train_config: dict):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_config, self.cfg = model_config, TrainConfig.from_dict(train_config)
+        self.design = model_config["design"]
+        self.net = build_network(model_config)
+        self.net.freeze_encoder(self.cfg.freeze_encoder)
+
+    def on_fit_start(self) -> None:
+        self.net.to(memory_format=torch.channels_last)  # faster convolutions on CPU (and with bf16)
+
+    def init_encoder(self) -> str:
+        return load_encoder_weights(self.net.encoder, self.cfg.encoder_weights)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.contiguous(memory_format=torch.channels_last))
+
+    def _pixel_stats(self, logits: torch.Tensor, target: torch.Tensor) -> dict:
+        pred = foreground(probabilities(logits.float(), self.design)) > 0.5
+        true = target[:, 0] > 0
+        inter = (pred & true).sum().float()
+        union = (pred | true).sum().float()
+        return {"acc": (pred == true).float().mean(), "iou": inter / union.clamp(min=1)}
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        loss = target_loss(logits, y, self.design, self.cfg.boundary_weight, self.cfg.dice_weight)
+        stats = self._pixel_stats(logits.detach(), y)
+        bs = x.shape[0]
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
+        self.log("train_acc", stats["acc"], on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
+        self.log("train_iou", stats["iou"], on_step=False, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y, labels = batch
+        h, w = x.shape[-2:]
+        logits = self(_pad(x))[..., :h, :w]
+        loss = target_loss(logits, y, self.design, self.cfg.boundary_weight, self.cfg.dice_weight)
+        stats = self._pixel_stats(logits, y)
+        maps = probabilities(logits.float(), self.design)[0].cpu().numpy()
+        from .metrics import dsb_score
+
+        score = dsb_score(labels[0].numpy(), instances(maps, self.design))
+        self.log("val_loss", loss, on_epoch=True, prog_bar=True, batch_size=1, sync_dist=True)
+        self.log("val_acc", stats["acc"], on_epoch=True, batch_size=1, sync_dist=True)
+        self.log("val_iou", stats["iou"], on_epoch=True, prog_bar=True, batch_size=1, sync_dist=True)
+        self.log("val_dsb", torch.tensor(score, dtype=torch.float32), on_epoch=True, prog_bar=True, batch_size=1, sync_dist=True)
+
+    def configure_optimizers(self):
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        monitor = "val_loss" if self.cfg.val_fraction > 0 else "train_loss"
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.5, patience=max(2, self.cfg.patience // 3))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": monitor}}
+
+
+class PreviewCallback(L.Callback):
+    """After each validation, save input | true | predicted for a few validation images (PNG + TensorBoard)."""
+
+    def __init__(self, items, folder: Path):
+        self.items, self.folder = items, folder
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if not trainer.is_global_zero or not self.items or trainer.sanity_checking:
+            return
+        from .figures import prediction_grid
+
+        model = Model(pl_module.net, pl_module.model_config)
+        was_training = pl_module.net.training
+        rows = []
+        for name, image, labels in self.items:
+            maps = model.maps_from_normalized(image)
+            rows.append((name, image, labels, instances(maps, pl_module.design)))
+        pl_module.net.train(was_training)
+        path = self.folder / f"epoch_{trainer.current_epoch:03d}.png"
+        array = prediction_grid(rows, path, title=f"epoch {trainer.current_epoch}")
+        experiment = getattr(trainer.logger, "experiment", None)
+        if experiment is not None and hasattr(experiment, "add_image"):
+            experiment.add_image("previews", array, trainer.current_epoch, dataformats="HWC")
+
+
+class HistoryCallback(L.Callback):
+    """Per-epoch metrics to ``history.csv`` and a loss / accuracy / IoU / DSB plot ``curves.png``."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.rows: list[dict] = []
+        path = run_dir / "history.csv"
+        if path.exists():  # resumed run: keep earlier epochs
+            with open(path) as fh:
+                self.rows = [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(fh)]
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train_", "val_"))}
+        row = {"epoch": trainer.current_epoch, "lr": trainer.optimizers[0].param_groups[0]["lr"],
+               "time": time.time(), **metrics}
+        self.rows = [r for r in self.rows if r["epoch"] < trainer.current_epoch] + [row]
+        keys = sorted({k for r in self.rows for k in r}, key=lambda k: (k != "epoch", k))
+        with open(self.run_dir / "history.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        from .figures import training_curves
+
+        training_curves(self.rows, self.run_dir / "curves.png")
+
+
+def _loaders(cfg: TrainConfig, train_items, val_items, design: str):
+    train_ds = TrainDataset(train_items, design, cfg.crop, cfg.seed)
+    sampler = EpochSampler(len(train_ds), cfg.seed, cfg.crops_per_image)
+    train = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                                        num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
+    val = None
+    if val_items:
+        val = torch.utils.data.DataLoader(ValDataset(val_items, design, crop=None), batch_size=1,
+                                          num_workers=0)
+    return train, val
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    """Train a model and write the run folder; returns the path of the saved model folder.
+
+    With ``resume``, ``cfg.out`` must be an earlier run: its settings and ``last.ckpt`` are used and
+    training continues to the planned number of epochs.
+    """
+    run_dir = Path(cfg.out)
+    if resume:
+        saved = json.loads((run_dir / "train_config.json").read_text())
+        cfg = TrainConfig.from_dict({**saved, "progress": cfg.progress})
+    elif (run_dir / "checkpoints" / "last.ckpt").exists():
+        raise FileExistsError(f"{run_dir}: holds an earlier run; use --resume to continue it or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    layout, samples = find_samples(cfg.data, cfg.labels)
+    if cfg.max_images:
+        samples = samples[:cfg.max_images]
+    names = [s.name for s in samples]
+    train_names, val_names = split(names, cfg.val_fraction, cfg.seed) if cfg.val_fraction > 0 else (sorted(names), [])
+    model_config = make_config(cfg.design, tuple(cfg.decoder_channels), data={
+        "root": str(cfg.data), "layout": layout, "labels": cfg.labels, "n_images": len(names),
+        "val_fraction": cfg.val_fraction, "seed": cfg.seed, "train": train_names, "val": val_names})
+    model_config["training"] = {k: v for k, v in asdict(cfg).items() if k not in ("progress",)}
+    model_config["training"]["train_crop"] = cfg.crop
+    items = {s.name: it for s, it in zip(samples, load_items(samples, model_config["normalization"], cfg.progress))}
+    train_items = [items[n] for n in train_names]
+    val_items = [items[n] for n in val_names]
+
+    module = SegmentationModule(model_config, asdict(cfg))
+    if not resume:
+        log.info("encoder initialised from %s", module.init_encoder())
+    train_loader, val_loader = _loaders(cfg, train_items, val_items, cfg.design)
+
+    monitor, mode = ("val_dsb", "max") if val_items else ("train_loss", "min")
+    ckpt_dir = run_dir / "checkpoints"
+    preview_items = sorted(val_items or train_items, key=lambda it: it[1].shape[0] * it[1].shape[1])[:cfg.previews]
+    callbacks = [
+        L.pytorch.callbacks.ModelCheckpoint(ckpt_dir, filename="best", monitor=monitor, mode=mode, save_last=True,
+                                            save_top_k=1, enable_version_counter=False),
+        L.pytorch.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=cfg.patience),
+        L.pytorch.callbacks.LearningRateMonitor(logging_interval="epoch"),
+        HistoryCallback(run_dir),
+        PreviewCallback(preview_items, run_dir / "previews"),
+    ]
+    (run_dir / "previews").mkdir(exist_ok=True)
+    logger = L.pytorch.loggers.TensorBoardLogger(str(run_dir), name="logs", version="")
+    trainer = L.Trainer(max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices,
+                        num_nodes=cfg.num_nodes, strategy=cfg.strategy, precision=cfg.precision,
+                        callbacks=callbacks, logger=logger, enable_progress_bar=cfg.progress,
+                        num_sanity_val_steps=0, log_every_n_steps=10, deterministic=False,
+                        enable_model_summary=cfg.progress)
+    started = time.time()
+    last = ckpt_dir / "last.ckpt"
+    trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if resume and last.exists() else None)
+    if not trainer.is_global_zero:
+        return run_dir / "model"
+    best = ckpt_dir / "best.ckpt"
+    state = torch.load(best if best.exists() else last, map_location="cpu", weights_only=True)["state_dict"]
+    module.net.load_state_dict({k[len("net."):]: v for k, v in state.items() if k.startswith("net.")})
+    model_config["training"]["epochs_run"] = trainer.current_epoch
+    model_config["training"]["wall_time_s"] = round(time.time() - started, 1)
+    model = Model(module.net, model_config)
+    metrics = {"nucleiseg_version": __version__}
+    if cfg.thresholds_from:
+        model.thresholds.update(json.loads((Path(cfg.thresholds_from) / "thresholds.json").read_text()))
+    if val_items:
+        from .evaluate import evaluate_items, tune_thresholds
+
+        maps = [model.maps_from_normalized(image) for _, image, _ in val_items]
+        model.thresholds.update(tune_thresholds(maps, [it[2] for it in val_items], model.design))
+        metrics["validation"] = evaluate_items(model, val_items, maps=maps)["summary"]
+    model_dir = model.save(run_dir / "model", metrics=metrics)
+    return model_dir

@@ -1,0 +1,50 @@
+"""Pre-processing shared by training and prediction: intensity normalisation and padding."""
+from __future__ import annotations
+
+import numpy as np
+
+DEFAULT_NORMALIZATION = {"method": "percentile", "low": 1.0, "high": 99.8}
+_MAX_SAMPLES = 1 << 20  # percentiles from at most ~1M pixels: exact enough, fast on huge images
+
+
+def percentile_range(image: np.ndarray, low: float, high: float) -> tuple[float, float]:
+    """Intensity percentiles of an image over all channels, from a regular pixel subsample."""
+    flat = image.reshape(-1)
+    step = max(1, flat.size // _MAX_SAMPLES)
+    lo, hi = np.percentile(flat[::step], [low, high])
+    return float(lo), float(hi)
+
+
+def normalize(image: np.ndarray, normalization: dict | None = None) -> np.ndarray:
+    """Map an (H, W) or (H, W, 3) image of any dtype to float32 (H, W, 3), percentiles -> [0, 1].
+
+    The same function (with the settings stored in the model config) runs at training and prediction,
+    so 8-bit, 16-bit and float images all reach the network on one scale. Grey is repeated to 3 channels.
+    """
+    norm = {**DEFAULT_NORMALIZATION, **(normalization or {})}
+    if norm["method"] != "percentile":
+        raise ValueError(f"unknown normalization method {norm['method']!r}")
+    image = np.asarray(image)
+    lo, hi = percentile_range(image, norm["low"], norm["high"])
+    out = (image.astype(np.float32) - lo) / max(hi - lo, 1e-6)
+    if out.ndim == 2:
+        out = np.repeat(out[..., None], 3, axis=2)
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def pad_to_multiple(array: np.ndarray, multiple: int, mode: str = "reflect") -> tuple[np.ndarray, tuple[int, int]]:
+    """Pad the first two axes up to a multiple of ``multiple``; return the array and the original (H, W)."""
+    h, w = array.shape[:2]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph or pw:
+        pad = [(0, ph), (0, pw)] + [(0, 0)] * (array.ndim - 2)
+        if mode == "reflect" and (ph >= h or pw >= w):
+            mode = "symmetric"
+        array = np.pad(array, pad, mode=mode)
+    return array, (h, w)
+
+
+def to_display_rgb(image: np.ndarray) -> np.ndarray:
+    """An 8-bit RGB view of any image (for overlays and figures)."""
+    img = np.clip(normalize(image, {"low": 0.5, "high": 99.8}), 0, 1)
+    return (img * 255).astype(np.uint8)

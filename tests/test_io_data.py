@@ -1,0 +1,114 @@
+"""Reading every supported format and the three dataset layouts."""
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from nucleiseg.data import Sample, detect_layout, find_samples, load_sample, split
+from nucleiseg.io import ImageError, read_image, read_labels
+from nucleiseg.synthetic import nuclei_image
+from nucleiseg.transforms import normalize
+
+IMG16, LAB = nuclei_image((64, 80), n=6, seed=1)
+IMG8 = (IMG16 // 257).astype(np.uint8)
+
+
+def write(path, array):
+    if path.suffix in (".tif", ".tiff"):
+        tifffile.imwrite(path, array, photometric="rgb" if array.ndim == 3 and array.shape[-1] == 3 else "minisblack")
+    else:
+        Image.fromarray(array).save(path, quality=95) if path.suffix == ".jpg" else Image.fromarray(array).save(path)
+    return path
+
+
+@pytest.mark.parametrize("name,array,expected_shape,expected_dtype", [
+    ("g8.png", IMG8, (64, 80), np.uint8),
+    ("g16.png", IMG16, (64, 80), np.uint16),
+    ("rgb.png", np.dstack([IMG8] * 3), (64, 80, 3), np.uint8),
+    ("rgba.png", np.dstack([IMG8] * 3 + [np.full_like(IMG8, 255)]), (64, 80, 3), np.uint8),
+    ("g16.tif", IMG16, (64, 80), np.uint16),
+    ("f32.tif", IMG16.astype(np.float32) / 65535, (64, 80), np.float32),
+    ("rgb16.tif", np.dstack([IMG16] * 3), (64, 80, 3), np.uint16),
+    ("g.jpg", IMG8, (64, 80), np.uint8),
+    ("rgb.jpg", np.dstack([IMG8] * 3), (64, 80, 3), np.uint8),
+])
+def test_read_formats(tmp_path, name, array, expected_shape, expected_dtype):
+    image = read_image(write(tmp_path / name, array))
+    assert image.shape == expected_shape and image.dtype == expected_dtype
+    norm = normalize(image)
+    assert norm.shape == (64, 80, 3) and norm.dtype == np.float32
+    # the same picture in 8-bit and 16-bit gives (nearly) the same normalised input
+    ref = normalize(IMG16)
+    assert np.abs(norm - ref).mean() < 0.03
+
+
+def test_multichannel_tiff_needs_channel(tmp_path):
+    stack = np.stack([IMG16, np.zeros_like(IMG16), IMG16 // 2, IMG16 // 3])  # (C, H, W), as ImageJ writes
+    path = write(tmp_path / "multi.tif", stack)
+    with pytest.raises(ImageError, match="--channel"):
+        read_image(path)
+    assert np.array_equal(read_image(path, channel=2), IMG16 // 2)
+    with pytest.raises(ImageError, match="out of range"):
+        read_image(path, channel=7)
+
+
+def test_stack_is_refused_with_axis(tmp_path):
+    path = write(tmp_path / "z.tif", np.stack([IMG16] * 12))
+    with pytest.raises(ImageError, match="axis 0"):
+        read_image(path)
+
+
+def test_layouts_detected_and_read(labels_dataset, kaggle_dataset, semantic_dataset):
+    for root, layout, instances in [(labels_dataset, "labels", True), (kaggle_dataset, "kaggle", True),
+                                    (semantic_dataset, "semantic", False)]:
+        assert detect_layout(root) == layout
+        found, samples = find_samples(root)
+        assert found == layout and samples
+        image, labels = load_sample(samples[0])
+        assert image.shape[:2] == labels.shape and image.shape[2] == 3
+        assert labels.max() > 1
+        assert samples[0].instances == instances
+
+
+def test_kaggle_masks_become_instances(kaggle_dataset):
+    _, samples = find_samples(kaggle_dataset)
+    _, labels = load_sample(samples[0])
+    assert labels.max() == len(samples[0].masks)
+
+
+def test_fixed_labels_preferred_and_missing_labels_skipped(labels_dataset):
+    fixed = labels_dataset / "labels_lopuhin_fixed"
+    fixed.mkdir()
+    for p in sorted((labels_dataset / "labels").iterdir())[:-1]:
+        (fixed / p.name).write_bytes(p.read_bytes())
+    _, samples = find_samples(labels_dataset)
+    assert len(samples) == 5 and all(s.labels.parent.name == "labels_lopuhin_fixed" for s in samples)
+    _, samples = find_samples(labels_dataset, "labels")
+    assert len(samples) == 6
+
+
+def test_label_without_image_is_an_error(labels_dataset):
+    (labels_dataset / "labels" / "ghost.png").write_bytes((labels_dataset / "labels" / "img00.png").read_bytes())
+    with pytest.raises(ImageError, match="ghost.png.*label without its image"):
+        find_samples(labels_dataset)
+
+
+def test_label_size_mismatch_is_an_error(labels_dataset):
+    Image.fromarray(np.zeros((10, 10), np.uint16)).save(labels_dataset / "labels" / "img01.png")
+    _, samples = find_samples(labels_dataset)
+    with pytest.raises(ImageError, match="img01.png.*differs from image size"):
+        load_sample(samples[1])
+
+
+def test_split_is_seeded_and_complete():
+    names = [f"n{i}" for i in range(50)]
+    a = split(names, 0.2, seed=3)
+    assert a == split(list(reversed(names)), 0.2, seed=3)
+    assert len(a[1]) == 10 and sorted(a[0] + a[1]) == sorted(names)
+    assert a != split(names, 0.2, seed=4)
+
+
+def test_read_labels_rejects_negative(tmp_path):
+    path = write(tmp_path / "neg.tif", np.array([[-1, 0], [0, 2]] * 8, np.int16).reshape(8, 4))
+    with pytest.raises(ImageError):
+        read_labels(path)

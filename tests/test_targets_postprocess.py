@@ -1,0 +1,105 @@
+"""Targets from instance labels and their inversion by post-processing: touching nuclei come back apart."""
+import numpy as np
+import pytest
+import torch
+
+from nucleiseg.metrics import dsb_score
+from nucleiseg.postprocess import instances, remove_small
+from nucleiseg.synthetic import nuclei_image
+from nucleiseg.targets import contour_classes, encode, loss, n_channels, normalised_distance, probabilities
+
+
+def two_touching_discs():
+    yy, xx = np.mgrid[0:40, 0:60]
+    lab = np.zeros((40, 60), np.int32)
+    lab[(yy - 20) ** 2 + (xx - 20) ** 2 <= 100] = 1
+    lab[((yy - 20) ** 2 + (xx - 39) ** 2 <= 100) & (lab == 0)] = 2
+    return lab
+
+
+def perfect_maps(labels, design):
+    """Probability maps a perfect network would output for ``labels``."""
+    t = encode(labels, design)
+    if design == "distance":
+        fg = t[0]
+        return np.stack([1 - fg, fg, t[1]])
+    classes = t[0].astype(int)
+    return np.eye(n_channels(design), dtype=np.float32)[classes].transpose(2, 0, 1)
+
+
+def test_contour_classes_mark_the_shared_border():
+    lab = two_touching_discs()
+    cls = contour_classes(lab)
+    assert set(np.unique(cls)) == {0, 1, 2}
+    # where the two discs touch, both sides are boundary: interior pixels of 1 and 2 never touch
+    interior = np.where(cls == 1, lab, 0)
+    from skimage.segmentation import find_boundaries
+    assert not np.any(find_boundaries(interior, mode="inner") & (interior > 0) & (np.roll(interior, 1, 1) > 0)
+                      & (np.roll(interior, 1, 1) != interior))
+
+
+def test_distance_target_is_normalised_per_object():
+    lab = two_touching_discs()
+    d = normalised_distance(lab)
+    assert d[lab == 0].max() == 0
+    for k in (1, 2):
+        assert d[lab == k].max() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("design", ["contour", "distance"])
+def test_perfect_maps_separate_touching_nuclei(design):
+    lab = two_touching_discs()
+    pred = instances(perfect_maps(lab, design), design, {"min_size": 5})
+    assert pred.max() == 2
+    assert dsb_score(lab, pred) > 0.85
+
+
+def test_semantic_merges_touching_nuclei():
+    lab = two_touching_discs()
+    pred = instances(perfect_maps(lab, "semantic"), "semantic", {"min_size": 5})
+    assert pred.max() == 1  # the baseline this project goes beyond
+
+
+@pytest.mark.parametrize("design", ["contour", "distance"])
+def test_perfect_maps_on_synthetic_crowd(design):
+    _, lab = nuclei_image((192, 192), n=40, seed=3, touching=0.5)
+    pred = instances(perfect_maps(lab, design), design, {"min_size": 5})
+    assert dsb_score(lab, pred) > 0.8
+
+
+def test_remove_small_and_relabel():
+    lab = np.zeros((10, 10), np.int32)
+    lab[0:2, 0:2] = 5
+    lab[5:10, 5:10] = 9
+    out = remove_small(lab, 10)
+    assert set(np.unique(out)) == {0, 1}
+    assert (out == 1).sum() == 25
+
+
+def test_holes_inside_one_nucleus_are_filled_but_not_between_nuclei():
+    maps = np.zeros((3, 30, 30), np.float32)
+    maps[0] = 1
+    yy, xx = np.mgrid[0:30, 0:30]
+    ring = ((yy - 15) ** 2 + (xx - 15) ** 2 <= 64) & ((yy - 15) ** 2 + (xx - 15) ** 2 > 4)
+    maps[0][ring], maps[1][ring] = 0, 1
+    pred = instances(maps, "contour", {"min_size": 5})
+    assert pred.max() == 1
+    assert pred[15, 15] == 1  # the hole is filled
+
+
+@pytest.mark.parametrize("design", ["semantic", "contour", "distance"])
+def test_loss_decreases_towards_targets(design):
+    lab = two_touching_discs()
+    target = torch.from_numpy(encode(lab, design))[None]
+    logits = torch.zeros(1, n_channels(design), *lab.shape, requires_grad=True)
+    opt = torch.optim.Adam([logits], lr=0.1)
+    first = None
+    for _ in range(30):
+        value = loss(logits, target, design, dice_weight=0.5)
+        first = first if first is not None else value.item()
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+    assert value.item() < 0.5 * first
+    maps = probabilities(logits.detach(), design)[0].numpy()
+    assert dsb_score(lab, instances(maps, design, {"min_size": 5})) > 0.5 or design == "semantic"
