@@ -68,6 +68,14 @@ def check_writable(out_dir: Path) -> None:
         raise InputError(f"{out_dir}: output folder is not writable ({exc.strerror or exc})") from None
 
 
+def remove_stale_partials(out_dir: Path) -> int:
+    """Delete temporary files a killed run left behind (``.<name>.<random>.part<ext>``); returns the count."""
+    stale = [p for p in out_dir.glob(".*.part*") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
+
+
 @dataclass
 class Result:
     """Outcome for one input file."""
@@ -146,6 +154,7 @@ def predict_files(model, paths: list[Path], opts: Options, progress: bool = True
     from tqdm.auto import tqdm
 
     check_writable(opts.out_dir)
+    remove_stale_partials(opts.out_dir)
     stems = unique_stems(paths)
     results = []
     for path in tqdm(paths, desc="predicting", unit="image", disable=not progress):

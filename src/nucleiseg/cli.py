@@ -278,7 +278,14 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict
             "download": cmd_download, "info": cmd_info}
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM: unwind normally so temporary files are removed
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,

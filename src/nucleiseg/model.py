@@ -185,9 +185,13 @@ class Model:
         return target
 
     # ---- prediction ------------------------------------------------------------------------------
-    def predict_maps(self, image: np.ndarray, tta: bool = False, tile_size: int | None = None) -> np.ndarray:
-        """Probability maps (C, H, W) for a raw (H, W) or (H, W, 3) image of any dtype and size."""
-        return self.maps_from_normalized(normalize(image, self.config["normalization"]), tta, tile_size)
+    def predict_maps(self, image: np.ndarray, tta: bool = False, tile_size: int | None = None,
+                     scale: tuple[float, float] | None = None) -> np.ndarray:
+        """Probability maps (C, H, W) for a raw (H, W) or (H, W, 3) image of any dtype and size.
+
+        ``scale``: fixed intensity (offset, scale), e.g. of a whole image when this is one of its blocks.
+        """
+        return self.maps_from_normalized(normalize(image, self.config["normalization"], scale), tta, tile_size)
 
     def maps_from_normalized(self, image: np.ndarray, tta: bool = False, tile_size: int | None = None) -> np.ndarray:
         """Probability maps for an image already normalised with this model's settings (H, W, 3)."""
@@ -196,9 +200,9 @@ class Model:
                             overlap=inf.get("tile_overlap", 128), tta=tta)
 
     def predict(self, image: np.ndarray, tta: bool = False, tile_size: int | None = None,
-                thresholds: dict | None = None) -> np.ndarray:
+                thresholds: dict | None = None, scale: tuple[float, float] | None = None) -> np.ndarray:
         """Instance labels (H, W) int32 for a raw image: 0 background, 1..N one label per nucleus."""
-        maps = self.predict_maps(image, tta=tta, tile_size=tile_size)
+        maps = self.predict_maps(image, tta=tta, tile_size=tile_size, scale=scale)
         return instances(maps, self.design, {**self.thresholds, **(thresholds or {})})
 
     def predict_many(self, paths: Iterable[str | os.PathLike], channel: int | None = None,

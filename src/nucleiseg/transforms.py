@@ -3,30 +3,39 @@ from __future__ import annotations
 
 import numpy as np
 
-DEFAULT_NORMALIZATION = {"method": "percentile", "low": 1.0, "high": 99.8}
+# low/high percentiles map to 0/1; the range is at least ``min_range`` x (robust max - low), so that an
+# image with few nuclei (where the high percentile is background) does not stretch noise to full scale.
+DEFAULT_NORMALIZATION = {"method": "percentile", "low": 1.0, "high": 99.8, "robust_max": 99.99, "min_range": 0.25}
 _MAX_SAMPLES = 1 << 20  # percentiles from at most ~1M pixels: exact enough, fast on huge images
 
 
-def percentile_range(image: np.ndarray, low: float, high: float) -> tuple[float, float]:
+def percentile_range(image: np.ndarray, *percentiles: float) -> tuple[float, ...]:
     """Intensity percentiles of an image over all channels, from a regular pixel subsample."""
     flat = image.reshape(-1)
     step = max(1, flat.size // _MAX_SAMPLES)
-    lo, hi = np.percentile(flat[::step], [low, high])
-    return float(lo), float(hi)
+    return tuple(float(v) for v in np.percentile(flat[::step], percentiles))
 
 
-def normalize(image: np.ndarray, normalization: dict | None = None) -> np.ndarray:
+def intensity_scale(image: np.ndarray, normalization: dict | None = None) -> tuple[float, float]:
+    """(offset, scale) that :func:`normalize` applies: ``(image - offset) / scale``."""
+    norm = {**DEFAULT_NORMALIZATION, **(normalization or {})}
+    if norm["method"] != "percentile":
+        raise ValueError(f"unknown normalization method {norm['method']!r}")
+    lo, hi, top = percentile_range(np.asarray(image), norm["low"], norm["high"], norm.get("robust_max", norm["high"]))
+    return lo, max(hi - lo, norm.get("min_range", 0.0) * (top - lo), 1e-6)
+
+
+def normalize(image: np.ndarray, normalization: dict | None = None,
+              scale: tuple[float, float] | None = None) -> np.ndarray:
     """Map an (H, W) or (H, W, 3) image of any dtype to float32 (H, W, 3), percentiles -> [0, 1].
 
     The same function (with the settings stored in the model config) runs at training and prediction,
     so 8-bit, 16-bit and float images all reach the network on one scale. Grey is repeated to 3 channels.
+    ``scale`` fixes (offset, scale) instead, e.g. from a whole image when normalising one of its blocks.
     """
-    norm = {**DEFAULT_NORMALIZATION, **(normalization or {})}
-    if norm["method"] != "percentile":
-        raise ValueError(f"unknown normalization method {norm['method']!r}")
     image = np.asarray(image)
-    lo, hi = percentile_range(image, norm["low"], norm["high"])
-    out = (image.astype(np.float32) - lo) / max(hi - lo, 1e-6)
+    offset, factor = scale if scale is not None else intensity_scale(image, normalization)
+    out = (image.astype(np.float32) - offset) / factor
     if out.ndim == 2:
         out = np.repeat(out[..., None], 3, axis=2)
     return np.ascontiguousarray(out, dtype=np.float32)
