@@ -37,6 +37,8 @@ def _add_train(sub) -> None:
     g.add_argument("--encoder-weights", default="imagenet",
                    help="'imagenet' (download torchvision's checkpoint), a .safetensors/.pth file, or 'none'")
     g.add_argument("--freeze-encoder", action="store_true", help="keep the pretrained encoder fixed")
+    g.add_argument("--encoder-bn", default="frozen", choices=["frozen", "train"],
+                   help="encoder BatchNorm statistics while fine-tuning: fixed (default) or from each batch")
     g = p.add_argument_group("training")
     g.add_argument("--out", default="runs/nucleiseg", help="run folder")
     g.add_argument("--epochs", type=int, default=40)
@@ -86,6 +88,7 @@ def cmd_train(args) -> int:
         cfg = TrainConfig(data=args.data, out=args.out, design=args.design, labels=args.labels, epochs=args.epochs,
                           batch_size=args.batch_size, crop=args.crop, lr=args.lr, val_fraction=args.val_fraction,
                           seed=args.seed, encoder_weights=args.encoder_weights, freeze_encoder=args.freeze_encoder,
+                          encoder_bn=args.encoder_bn,
                           precision=args.precision, patience=args.patience, boundary_weight=args.boundary_weight,
                           dice_weight=args.dice_weight, crops_per_image=args.crops_per_image,
                           num_workers=args.workers, max_images=args.max_images, thresholds_from=args.thresholds_from,

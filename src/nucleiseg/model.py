@@ -139,7 +139,10 @@ class Model:
         path.mkdir(parents=True, exist_ok=True)
         state = {k: (v.half() if half and v.is_floating_point() else v).contiguous()
                  for k, v in self.net.state_dict().items()}
-        save_file(state, str(path / "weights.safetensors"), metadata={"format": FORMAT, "dtype": "float16" if half else "float32"})
+        from .io import atomic_path
+
+        with atomic_path(path / "weights.safetensors") as tmp:
+            save_file(state, str(tmp), metadata={"format": FORMAT, "dtype": "float16" if half else "float32"})
         _write_json(path / "config.json", self.config)
         _write_json(path / "thresholds.json", self.thresholds)
         if metrics is not None:

@@ -109,6 +109,7 @@ class UNet(nn.Module):
         self.decoder = nn.ModuleList(blocks)
         self.head = nn.Conv2d(cin, out_channels, kernel_size=1)
         self.frozen_encoder = False
+        self.frozen_encoder_bn = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self.input_mean) / self.input_std
@@ -126,8 +127,21 @@ class UNet(nn.Module):
             p.requires_grad_(not frozen)
         self.train(self.training)
 
+    def freeze_encoder_bn(self, frozen: bool = True) -> None:
+        """Fine-tune the encoder's convolutions but keep its BatchNorm statistics fixed.
+
+        Small, mixed-modality batches give noisy batch statistics; re-normalising with them moves the
+        pretrained features and makes training-mode and evaluation-mode outputs disagree.
+        """
+        self.frozen_encoder_bn = frozen
+        self.train(self.training)
+
     def train(self, mode: bool = True) -> "UNet":
         super().train(mode)
         if self.frozen_encoder:
             self.encoder.eval()
+        elif self.frozen_encoder_bn:
+            for m in self.encoder.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
         return self

@@ -48,6 +48,7 @@ class TrainConfig:
     seed: int = 0
     encoder_weights: str | None = "imagenet"
     freeze_encoder: bool = False
+    encoder_bn: str = "frozen"  # 'frozen': fixed encoder BatchNorm statistics; 'train': batch statistics
     precision: str = "bf16-mixed"
     patience: int = 10
     boundary_weight: float = 3.0
@@ -70,8 +71,16 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def _rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 class EpochSampler(torch.utils.data.Sampler):
-    """Shuffles per (seed, epoch) and yields (epoch, index) keys, so a resumed run sees the same crops."""
+    """Shuffles per (seed, epoch) and yields (epoch, index, draw) keys, so a resumed run sees the same
+    crops. Under DDP each rank takes every world-size-th key: together the ranks' batches of a step
+    are exactly the batch a single process of the same total batch size would draw."""
 
     def __init__(self, n: int, seed: int, repeats: int = 1):
         self.n, self.seed, self.repeats, self.epoch = n, seed, repeats, 0
@@ -80,11 +89,27 @@ class EpochSampler(torch.utils.data.Sampler):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.n * self.repeats
+        return len(range(_rank_and_world()[0], self.n * self.repeats, _rank_and_world()[1]))
 
     def __iter__(self):
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self))
-        return iter([(self.epoch, int(i) % self.n, int(i)) for i in order])
+        rank, world = _rank_and_world()
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n * self.repeats)
+        return iter([(self.epoch, int(i) % self.n, int(i)) for i in order[rank::world]])
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Validation images split over DDP ranks (all of them in a single process)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        rank, world = _rank_and_world()
+        return len(range(rank, self.n, world))
+
+    def __iter__(self):
+        rank, world = _rank_and_world()
+        return iter(range(rank, self.n, world))
 
 
 class TrainDataset(SegmentationDataset):
@@ -127,6 +152,7 @@ class SegmentationModule(L.LightningModule):
         self.design = model_config["design"]
         self.net = build_network(model_config)
         self.net.freeze_encoder(self.cfg.freeze_encoder)
+        self.net.freeze_encoder_bn(self.cfg.encoder_bn == "frozen")
 
     def on_fit_start(self) -> None:
         self.net.to(memory_format=torch.channels_last)  # faster convolutions on CPU (and with bf16)
@@ -212,7 +238,8 @@ class HistoryCallback(L.Callback):
         path = run_dir / "history.csv"
         if path.exists():  # resumed run: keep earlier epochs
             with open(path) as fh:
-                self.rows = [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(fh)]
+                self.rows = [{k: int(float(v)) if k == "epoch" else float(v) for k, v in r.items() if v != ""}
+                             for r in csv.DictReader(fh)]
 
     def on_train_epoch_end(self, trainer, pl_module):
         if not trainer.is_global_zero or trainer.sanity_checking:
@@ -239,7 +266,7 @@ def _loaders(cfg: TrainConfig, train_items, val_items, design: str):
     val = None
     if val_items:
         val = torch.utils.data.DataLoader(ValDataset(val_items, design, crop=None), batch_size=1,
-                                          num_workers=0)
+                                          sampler=ShardSampler(len(val_items)), num_workers=0)
     return train, val
 
 
@@ -295,6 +322,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                         num_nodes=cfg.num_nodes, strategy=cfg.strategy, precision=cfg.precision,
                         callbacks=callbacks, logger=logger, enable_progress_bar=cfg.progress,
                         num_sanity_val_steps=0, log_every_n_steps=10, deterministic=False,
+                        use_distributed_sampler=False,  # our samplers shard by rank themselves
                         enable_model_summary=cfg.progress)
     started = time.time()
     last = ckpt_dir / "last.ckpt"

@@ -1,0 +1,166 @@
+"""Prediction for users: tiling without seams, ONNX backend, Python API, output files, CLI commands."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+import nucleiseg
+from conftest import make_labels_layout, to_uint8
+from nucleiseg.cli import main
+from nucleiseg.inference import tile_starts
+from nucleiseg.metrics import iou_matrix, matching
+from nucleiseg.outputs import rle_decode, rle_encode
+from nucleiseg.synthetic import mosaic, nuclei_image
+
+
+@pytest.fixture(scope="module")
+def model():
+    return nucleiseg.load()
+
+
+def test_tile_starts_cover_with_overlap():
+    for size, tile, overlap in [(3000, 1024, 128), (1025, 1024, 128), (5000, 512, 64)]:
+        starts = tile_starts(size, tile, overlap)
+        assert starts[0] == 0 and starts[-1] + tile == size
+        assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:]))
+
+
+def test_tiled_and_untiled_agree_on_large_mosaic(model):
+    image, _ = mosaic((3000, 3000), seed=1)
+    model.use_backend("onnx")
+    try:
+        whole = model.predict(image, tile_size=3008)  # one pass over the padded image
+        tiled = model.predict(image, tile_size=1024)  # 3 x 3 overlapping tiles, blended
+    finally:
+        model.use_backend("torch")
+    assert whole.max() > 100
+    m = matching(whole, tiled, 0.5)
+    assert m["f1"] > 0.99, m
+    assert m["mean_matched_iou"] > 0.95, m
+
+
+def test_onnx_backend_matches_torch(model, tmp_path):
+    image, _ = nuclei_image((200, 333), n=25, seed=5)
+    torch_maps = model.predict_maps(image)
+    path = model.export_onnx(tmp_path / "m.onnx")
+    model.use_backend("onnx", onnx_path=path)
+    try:
+        onnx_maps = model.predict_maps(image)
+        onnx_labels = model.predict(image)
+    finally:
+        model.use_backend("torch")
+    assert np.abs(onnx_maps - torch_maps).max() < 1e-3
+    iou = iou_matrix(model.predict(image), onnx_labels)
+    assert iou.shape[0] == iou.shape[1] and (iou.shape[0] == 0 or iou.max(axis=1).min() > 0.95)
+
+
+def test_tta_averages_flips(model):
+    image, _ = nuclei_image((128, 160), n=12, seed=6)
+    plain, tta = model.predict_maps(image), model.predict_maps(image, tta=True)
+    assert tta.shape == plain.shape and not np.array_equal(tta, plain)
+    assert np.allclose(tta.sum(axis=0), 1, atol=1e-4)
+    # a flipped image gives the flipped TTA result (TTA is flip-equivariant)
+    assert np.allclose(model.predict_maps(image[:, ::-1].copy(), tta=True)[:, :, ::-1], tta, atol=1e-4)
+
+
+def test_api_predict_many(model, tmp_path):
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"x{i}.png"
+        Image.fromarray(to_uint8(nuclei_image((96, 96), n=6, seed=i)[0])).save(p)
+        paths.append(p)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"nope")
+    results = dict(model.predict_many(paths + [bad]))
+    assert all(isinstance(results[p], np.ndarray) and results[p].shape == (96, 96) for p in paths)
+    assert isinstance(results[bad], ValueError) and "bad.png" in str(results[bad])
+
+
+def test_outputs_are_standard_files(tmp_path):
+    img = to_uint8(nuclei_image((128, 128), n=10, seed=2)[0])
+    Image.fromarray(img).save(tmp_path / "cells.png")
+    multi = np.stack([np.zeros((128, 128), np.uint16), nuclei_image((128, 128), n=10, seed=2)[0]])
+    tifffile.imwrite(tmp_path / "two_channel.tif", multi, photometric="minisblack")
+    out = tmp_path / "out"
+    assert main(["predict", str(tmp_path / "cells.png"), "-o", str(out), "--quiet", "--outputs", "labels,mask,overlay,csv,rle"]) == 0
+    labels = tifffile.imread(out / "cells_labels.tif")
+    assert labels.dtype == np.uint16 and labels.shape == (128, 128)
+    mask = np.asarray(Image.open(out / "cells_mask.png"))
+    assert set(np.unique(mask)) <= {0, 255} and np.array_equal(mask > 0, labels > 0)
+    assert np.asarray(Image.open(out / "cells_overlay.png")).shape == (128, 128, 3)
+    rows = list(csv.DictReader(open(out / "cells_nuclei.csv")))
+    assert len(rows) == labels.max()
+    for key in ("label", "centroid_y", "centroid_x", "area", "perimeter", "eccentricity", "solidity",
+                "bbox_min_y", "bbox_max_x", "intensity_mean", "intensity_max"):
+        assert key in rows[0]
+    if rows:
+        assert int(rows[0]["area"]) == (labels == int(rows[0]["label"])).sum()
+    summary = list(csv.DictReader(open(out / "summary.csv")))
+    assert summary[0]["n_nuclei"] == str(labels.max()) and summary[0]["status"] == "done"
+    rle = list(csv.DictReader(open(out / "submission_rle.csv")))
+    assert len(rle) == labels.max()
+    # --channel picks the nuclear stain of a multi-channel TIFF; --outputs selects files
+    assert main(["predict", str(tmp_path / "two_channel.tif"), "-o", str(out), "--quiet", "--channel", "1",
+                 "--outputs", "labels"]) == 0
+    assert (out / "two_channel_labels.tif").is_file() and not (out / "two_channel_mask.png").exists()
+
+
+def test_glob_inputs(tmp_path):
+    for i in range(2):
+        Image.fromarray(to_uint8(nuclei_image((64, 64), n=4, seed=i)[0])).save(tmp_path / f"g{i}.png")
+    (tmp_path / "notes.txt").write_text("ignored")
+    out = tmp_path / "out"
+    assert main(["predict", str(tmp_path / "g*.png"), "-o", str(out), "--quiet", "--outputs", "labels"]) == 0
+    assert sorted(p.name for p in out.glob("*_labels.tif")) == ["g0_labels.tif", "g1_labels.tif"]
+
+
+def test_rle_round_trip():
+    _, labels = nuclei_image((50, 70), n=6, seed=3)
+    for k in range(1, labels.max() + 1):
+        assert np.array_equal(rle_decode(rle_encode(labels == k), labels.shape), labels == k)
+    assert rle_encode(np.array([[1, 0], [1, 1]])) == "1 3"  # column-major: (0,0), (1,0), (1,1)
+
+
+def test_evaluate_command_writes_reports(tmp_path, capsys):
+    data = make_labels_layout(tmp_path / "ds", n=3, shape=(96, 96))
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--data", str(data), "-o", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "dsb_score" in printed and "fluorescence" in printed
+    report = json.loads((out / "metrics.json").read_text())
+    for key in ("pixel_accuracy", "foreground_iou", "dice", "dsb_score", "ap50", "f1_50"):
+        assert 0 <= report["summary"][key] <= 1
+    assert "pooled" in report["summary"] and "fluorescence" in report["by_type"]
+    rows = list(csv.DictReader(open(out / "per_image.csv")))
+    assert len(rows) == 3 and {"image", "type", "dsb_score", "ap50", "foreground_iou"} <= set(rows[0])
+    for name in ("examples.png", "best.png", "worst.png"):
+        assert (out / name).stat().st_size > 1000
+
+
+def test_export_and_onnx_backend_cli(tmp_path, capsys):
+    assert main(["export", "--format", "onnx", "-o", str(tmp_path / "m.onnx")]) == 0
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    dims = [d.dim_param for d in graph.input[0].type.tensor_type.shape.dim]
+    assert dims[2] == "height" and dims[3] == "width"
+    Image.fromarray(to_uint8(nuclei_image((96, 128), n=8, seed=1)[0])).save(tmp_path / "a.png")
+    for backend in ("torch", "onnx"):
+        assert main(["predict", str(tmp_path / "a.png"), "-o", str(tmp_path / backend), "--quiet", "--backend", backend]) == 0
+    a = tifffile.imread(tmp_path / "torch" / "a_labels.tif")
+    b = tifffile.imread(tmp_path / "onnx" / "a_labels.tif")
+    assert a.max() == b.max() and (a > 0).sum() == pytest.approx((b > 0).sum(), rel=0.01)
+
+
+def test_help_and_info(capsys):
+    for cmd in (["--help"], ["predict", "--help"], ["train", "--help"], ["evaluate", "--help"]):
+        with pytest.raises(SystemExit) as info:
+            main(cmd)
+        assert info.value.code == 0
+        assert "example" in capsys.readouterr().out
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "nucleiseg" in out and "default model" in out and "backends" in out
