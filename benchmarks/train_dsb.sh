@@ -6,13 +6,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data/dsb2018-stage1-train}
 WEIGHTS=${2:-../shared/weights/mobilenet_v2_imagenet.safetensors}
-EPOCHS=${EPOCHS:-8}
-FINAL_EPOCHS=${FINAL_EPOCHS:-12}
+EPOCHS=${EPOCHS:-10}            # contour (the default design)
+DISTANCE_EPOCHS=${DISTANCE_EPOCHS:-6}  # the alternative design, compared at equal epochs too
+FINAL_EPOCHS=${FINAL_EPOCHS:-14}
 export NO_ALBUMENTATIONS_UPDATE=1
 NS=.venv/bin/nucleiseg
 for design in contour distance; do
+  epochs=$EPOCHS; [ $design = distance ] && epochs=$DISTANCE_EPOCHS
   if [ ! -f runs/split-$design/model/metrics.json ]; then
-    /usr/bin/time -v $NS train --data "$DATA" --out runs/split-$design --design $design --epochs $EPOCHS \
+    /usr/bin/time -v $NS train --data "$DATA" --out runs/split-$design --design $design --epochs $epochs \
       --crops-per-image 2 --encoder-weights "$WEIGHTS" --quiet 2> runs/split-$design.time
   fi
 done

@@ -223,3 +223,20 @@ def test_sigterm_leaves_no_partial_files(tmp_path):
     proc.terminate()
     assert proc.wait(timeout=60) != 0
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_evaluate_skips_bad_samples_and_fails_loudly(tmp_path, capsys):
+    root = make_labels_layout(tmp_path / "ds", n=4, shape=(64, 64))
+    Image.fromarray(np.zeros((10, 10), np.uint16)).save(root / "labels" / "img01.png")  # wrong size
+    (root / "labels" / "orphan.png").write_bytes((root / "labels" / "img00.png").read_bytes())  # no image
+    (root / "images" / "img02.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")  # corrupt image
+    code = main(["evaluate", "--data", str(root), "-o", str(tmp_path / "ev"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 3
+    assert any("img01.png" in e and "differs" in e for e in errors)
+    assert any("orphan.png" in e and "without its image" in e for e in errors)
+    assert any("img02.png" in e for e in errors)
+    report = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert report["summary"]["n_images"] == 2 and len(report["skipped"]) == 3

@@ -107,7 +107,11 @@ def cmd_evaluate(args) -> int:
                       tta=args.tta, progress=not args.quiet)
     print(format_report(report))
     print(f"written: {args.out}/metrics.json, per_image.csv, examples.png, best.png, worst.png")
-    return 0
+    for problem in report["skipped"]:
+        print(f"error: {problem}", file=sys.stderr)
+    if report["skipped"]:
+        print(f"nucleiseg evaluate: {len(report['skipped'])} file(s) skipped (listed in metrics.json)", file=sys.stderr)
+    return 1 if report["skipped"] else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,7 +143,8 @@ def _add_predict(sub) -> None:
     p.add_argument("-o", "--out", default="results", help="output folder (default: results)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help="model folder (default: the bundled model)")
-    g.add_argument("--backend", default="torch", choices=["torch", "onnx"], help="inference engine")
+    g.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx"],
+                   help="inference engine; auto = onnxruntime when installed (about 3x faster on CPU), else torch")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for the network")
     g = p.add_argument_group("input")
     g.add_argument("--channel", type=int, default=None, help="channel index of the nuclear stain in multi-channel images")
@@ -183,12 +188,24 @@ def _add_download(sub) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
+def resolve_backend(backend: str) -> str:
+    """'auto' -> 'onnx' when onnxruntime is importable, else 'torch'."""
+    if backend != "auto":
+        return backend
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "onnx"
+
+
 def _load_model(args):
     from .model import Model
 
     model = Model.load(args.model)
-    if getattr(args, "backend", "torch") != "torch" or getattr(args, "threads", None):
-        model.use_backend(args.backend, threads=args.threads)
+    backend = resolve_backend(getattr(args, "backend", "torch"))
+    if backend != "torch" or getattr(args, "threads", None):
+        model.use_backend(backend, threads=args.threads)
     overrides = {"mask": getattr(args, "mask_threshold", None), "marker": getattr(args, "marker_threshold", None),
                  "min_size": getattr(args, "min_size", None)}
     model.thresholds.update({k: v for k, v in overrides.items() if v is not None})
@@ -220,7 +237,7 @@ def cmd_predict(args) -> int:
         from .distributed import predict_files_dask
 
         results = predict_files_dask(args.model, paths, opts, address=args.dask, n_workers=args.workers,
-                                     backend=args.backend, progress=not args.quiet, report=report)
+                                     backend=resolve_backend(args.backend), progress=not args.quiet, report=report)
     else:
         results = predict_files(_load_model(args), paths, opts, progress=not args.quiet, report=report)
     done = [r for r in results if r.status == "done"]

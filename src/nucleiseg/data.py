@@ -55,11 +55,13 @@ def detect_layout(root: str | os.PathLike) -> str:
                      "or Kaggle-style <id>/images + <id>/masks")
 
 
-def find_samples(root: str | os.PathLike, label_dir: str | None = None) -> tuple[str, list[Sample]]:
+def find_samples(root: str | os.PathLike, label_dir: str | None = None,
+                 problems: list[str] | None = None) -> tuple[str, list[Sample]]:
     """Detect the layout and list its samples (sorted by name). Returns (layout, samples).
 
-    Images without annotation are skipped with a warning (e.g. images the fixed labels dropped);
-    an annotation without its image is an error, naming the file.
+    Images without annotation are skipped with a warning (e.g. images the fixed labels dropped).
+    An annotation without its image is an error naming the file; with a ``problems`` list given, it is
+    appended there (one line per file) and the other samples are still returned.
     """
     root = Path(root)
     layout = detect_layout(root)
@@ -78,8 +80,11 @@ def find_samples(root: str | os.PathLike, label_dir: str | None = None) -> tuple
     else:
         images, annotations, instances = _images_in(root / "inputs"), _images_in(root / "masks"), False
     orphans = sorted(set(annotations) - set(images))
-    if orphans:
+    if orphans and problems is None:
         raise ImageError(annotations[orphans[0]], f"label without its image ({len(orphans)} such files)")
+    for name in orphans:
+        problems.append(str(ImageError(annotations[name], "label without its image")))
+        del annotations[name]
     missing = sorted(set(images) - set(annotations))
     if missing:
         log.warning("%s: %d image(s) without labels skipped (e.g. %s)", root, len(missing), missing[0])
@@ -167,9 +172,22 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), torch.from_numpy(target)
 
 
-def load_items(samples: list[Sample], normalization: dict | None = None,
-               progress: bool = True) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """Decode and normalise samples once: [(name, image, labels)]."""
+def load_items(samples: list[Sample], normalization: dict | None = None, progress: bool = True,
+               problems: list[str] | None = None) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Decode and normalise samples once: [(name, image, labels)].
+
+    With a ``problems`` list, unreadable samples are skipped and described there (one line each);
+    without it the first problem raises.
+    """
     from tqdm.auto import tqdm
 
-    return [(s.name, *load_sample(s, normalization)) for s in tqdm(samples, desc="loading", disable=not progress)]
+    items = []
+    for s in tqdm(samples, desc="loading", disable=not progress):
+        try:
+            items.append((s.name, *load_sample(s, normalization)))
+        except ImageError as exc:
+            if problems is None:
+                raise
+            problems.append(str(exc))
+            log.error("%s (sample skipped)", exc)
+    return items

@@ -3,11 +3,8 @@
 - :func:`predict_files_dask` sends one task per file to a Dask cluster (an existing scheduler, or a
   ``LocalCluster``); each worker process loads the model once and reuses it. Results and failures are
   reported exactly as in the single-process run (:mod:`nucleiseg.batch`).
-- :func:`segment_large` segments an image opened lazily (tiled TIFF or Zarr) in overlapping blocks and
-  writes a Zarr label array. Every nucleus is *owned* by the block that holds its centroid: that block
-  writes it whole (it may reach into a neighbour's block, thanks to the halo), the others drop it. Blocks
-  see ``halo`` pixels of context on each side, so a nucleus near a block border is segmented as it is
-  in the whole image; labels are numbered 1..N in block order.
+- :func:`segment_large` segments an image opened lazily (tiled TIFF or Zarr) block by block
+  (:mod:`nucleiseg.blocks`) and writes a Zarr label array, optionally running blocks on Dask workers.
 """
 from __future__ import annotations
 
@@ -15,7 +12,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage as ndi
 
 from .batch import Options, Result, predict_one, remove_stale_partials, unique_stems, write_run_files
 
@@ -109,35 +105,6 @@ def lazy_intensity_scale(array, normalization: dict, samples: int = 64, size: in
     return intensity_scale(np.concatenate(pieces), normalization)
 
 
-def block_grid(h: int, w: int, block: int) -> list[tuple[int, int, int, int]]:
-    """Core regions (y0, y1, x0, x1) tiling an image without overlap."""
-    return [(y, min(y + block, h), x, min(x + block, w)) for y in range(0, h, block) for x in range(0, w, block)]
-
-
-def _owned_objects(model, array, core, halo: int, scale, tile_size):
-    """Segment a block with its halo; return the objects whose centroid lies in the core, as
-    (slices in image coordinates, boolean mask) pairs."""
-    y0, y1, x0, x1 = core
-    h, w = array.shape[:2]
-    wy0, wy1, wx0, wx1 = max(0, y0 - halo), min(h, y1 + halo), max(0, x0 - halo), min(w, x1 + halo)
-    window = np.asarray(array[wy0:wy1, wx0:wx1])
-    labels = model.predict(window, scale=scale, tile_size=tile_size)
-    if labels.max() == 0:
-        return []
-    index = np.arange(1, labels.max() + 1)
-    centroids = np.asarray(ndi.center_of_mass(np.ones_like(labels), labels, index)).reshape(-1, 2)
-    objects = []
-    for k, sl, (cy, cx) in zip(index, ndi.find_objects(labels), centroids):
-        if sl is None:
-            continue
-        gy, gx = cy + wy0, cx + wx0
-        if not (y0 <= gy < y1 and x0 <= gx < x1):
-            continue
-        mask = labels[sl] == k
-        objects.append(((slice(sl[0].start + wy0, sl[0].stop + wy0), slice(sl[1].start + wx0, sl[1].stop + wx0)), mask))
-    return objects
-
-
 def segment_large(model, source, out: str | os.PathLike, block: int = 2048, halo: int = 128,
                   tile_size: int | None = None, progress: bool = True, client=None) -> Path:
     """Segment a large lazily-read image block by block into a Zarr uint32 label array at ``out``.
@@ -146,34 +113,13 @@ def segment_large(model, source, out: str | os.PathLike, block: int = 2048, halo
     (the model is sent once per worker); the driver writes the objects in block order.
     """
     import zarr
-    from tqdm.auto import tqdm
+
+    from .blocks import segment_blocks
 
     array = open_lazy(source) if isinstance(source, (str, os.PathLike)) else source
     h, w = array.shape[:2]
     scale = lazy_intensity_scale(array, model.config["normalization"])
     out_arr = zarr.open(str(out), mode="w", shape=(h, w), chunks=(min(1024, h), min(1024, w)), dtype="uint32")
-    cores = block_grid(h, w, block)
-    if client is not None:
-        model_future = client.scatter(model, broadcast=True)
-        futures = [client.submit(_owned_objects, model_future, array, core, halo, scale, tile_size, pure=False)
-                   for core in cores]
-        results = (f.result() for f in futures)
-    else:
-        results = (_owned_objects(model, array, core, halo, scale, tile_size) for core in cores)
-    next_label = 1
-    for objects in tqdm(results, total=len(cores), desc="blocks", disable=not progress):
-        if not objects:
-            continue
-        # write this block's objects region by region (bounded memory); pixels already owned stay
-        y_start = min(sl[0].start for sl, _ in objects)
-        y_stop = max(sl[0].stop for sl, _ in objects)
-        x_start = min(sl[1].start for sl, _ in objects)
-        x_stop = max(sl[1].stop for sl, _ in objects)
-        region = np.asarray(out_arr[y_start:y_stop, x_start:x_stop])
-        for sl, mask in objects:
-            local = (slice(sl[0].start - y_start, sl[0].stop - y_start), slice(sl[1].start - x_start, sl[1].stop - x_start))
-            target = region[local]
-            target[mask & (target == 0)] = next_label
-            next_label += 1
-        out_arr[y_start:y_stop, x_start:x_stop] = region
+    segment_blocks(model, array, out_arr, block=block, halo=halo, scale=scale, tile_size=tile_size,
+                   progress=progress, client=client)
     return Path(out)

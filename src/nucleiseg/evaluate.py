@@ -93,13 +93,16 @@ def evaluate(model, data: str | Path, out: str | Path, labels: str | None = None
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _, samples = find_samples(data, labels)
+    problems: list[str] = []
+    _, samples = find_samples(data, labels, problems=problems)
     if subset != "all":
         wanted = set(model.config.get("data", {}).get(subset, []))
         samples = [s for s in samples if s.name in wanted]
         if not samples:
             raise ValueError(f"no images of the model's {subset!r} split found in {data}")
-    items = load_items(samples, model.config["normalization"], progress=progress)
+    items = load_items(samples, model.config["normalization"], progress=progress, problems=problems)
+    if not items:
+        raise ValueError(f"{data}: no usable annotated images ({len(problems)} skipped)")
     result = evaluate_items(model, items, tta=tta, keep_predictions=True)
     preds = result.pop("predictions")
     rows = result["rows"]
@@ -108,7 +111,8 @@ def evaluate(model, data: str | Path, out: str | Path, labels: str | None = None
         writer.writeheader()
         writer.writerows(rows)
     report = {"data": str(data), "subset": subset, "tta": tta, "model": str(model.path),
-              "thresholds": model.thresholds, "summary": result["summary"], "by_type": result["by_type"]}
+              "thresholds": model.thresholds, "summary": result["summary"], "by_type": result["by_type"],
+              "skipped": problems}
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
     order = np.argsort([r["dsb_score"] for r in rows])
     pick = lambda idx: [(rows[i]["image"], items[i][1], items[i][2], preds[i], rows[i]["dsb_score"]) for i in idx]  # noqa: E731

@@ -49,7 +49,7 @@ def make_config(design: str, decoder_channels: tuple[int, ...] = (96, 64, 48, 32
                          "stride": STRIDE, "in_channels": 3},
         "design": design, "classes": CLASS_NAMES[design],
         "normalization": {**DEFAULT_NORMALIZATION, **(normalization or {})},
-        "inference": {"tile_size": tile_size, "tile_overlap": tile_overlap},
+        "inference": {"tile_size": tile_size, "tile_overlap": tile_overlap, "block_size": 4096},
         "training": training or {}, "data": data or {},
     }
 
@@ -204,7 +204,19 @@ class Model:
 
     def predict(self, image: np.ndarray, tta: bool = False, tile_size: int | None = None,
                 thresholds: dict | None = None, scale: tuple[float, float] | None = None) -> np.ndarray:
-        """Instance labels (H, W) int32 for a raw image: 0 background, 1..N one label per nucleus."""
+        """Instance labels (H, W) for a raw image: 0 background, 1..N one label per nucleus.
+
+        Images with more than ``inference.block_size`` squared pixels are segmented block by block
+        (:mod:`nucleiseg.blocks`), so memory stays bounded by the block size.
+        """
+        block = self.config.get("inference", {}).get("block_size", 4096)
+        if image.shape[0] * image.shape[1] > block * block:
+            from .blocks import segment_blocks
+
+            labels = np.zeros(image.shape[:2], np.uint32 if image.shape[0] * image.shape[1] >= 2**31 else np.int32)
+            segment_blocks(self, image, labels, block=block // 2, halo=self.config["inference"].get("tile_overlap", 128),
+                           scale=scale, tile_size=tile_size, tta=tta, thresholds=thresholds)
+            return labels
         maps = self.predict_maps(image, tta=tta, tile_size=tile_size, scale=scale)
         return instances(maps, self.design, {**self.thresholds, **(thresholds or {})})
 

@@ -286,7 +286,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     (run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    layout, samples = find_samples(cfg.data, cfg.labels)
+    problems: list[str] = []
+    layout, samples = find_samples(cfg.data, cfg.labels, problems=problems)
     if cfg.max_images:
         samples = samples[:cfg.max_images]
     names = [s.name for s in samples]
@@ -296,9 +297,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         "val_fraction": cfg.val_fraction, "seed": cfg.seed, "train": train_names, "val": val_names})
     model_config["training"] = {k: v for k, v in asdict(cfg).items() if k not in ("progress",)}
     model_config["training"]["train_crop"] = cfg.crop
-    items = {s.name: it for s, it in zip(samples, load_items(samples, model_config["normalization"], cfg.progress))}
-    train_items = [items[n] for n in train_names]
-    val_items = [items[n] for n in val_names]
+    items = {it[0]: it for it in load_items(samples, model_config["normalization"], cfg.progress, problems)}
+    model_config["data"]["skipped"] = problems  # one line per unusable file; training goes on without them
+    train_items = [items[n] for n in train_names if n in items]
+    val_items = [items[n] for n in val_names if n in items]
 
     module = SegmentationModule(model_config, asdict(cfg))
     if not resume:
