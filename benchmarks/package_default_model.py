@@ -13,7 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
-from nucleiseg.model import DEFAULT_MODEL_DIR, Model
+from nucleiseg.model import DEFAULT_MODEL_DIR, Model, make_config
 
 
 def card(config: dict, evaluation: dict, split_config: dict, command: str) -> str:
@@ -71,6 +71,8 @@ def main() -> None:
     model = Model.load(args.final / "model")
     split_model = Model.load(args.validation / "model")
     evaluation = json.loads(args.evaluation.read_text())
+    # current inference defaults (tiling, block size) of this nucleiseg version
+    model.config["inference"] = {**model.config["inference"], **make_config(model.design)["inference"]}
     model.config["data"]["val_fraction_of_threshold_run"] = split_model.config["data"]["val_fraction"]
     model.config["data"]["threshold_run_val"] = split_model.config["data"]["val"]
     if args.dest.exists():

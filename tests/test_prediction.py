@@ -22,10 +22,12 @@ def model():
 
 
 def test_tile_starts_cover_with_overlap():
-    for size, tile, overlap in [(3000, 1024, 128), (1025, 1024, 128), (5000, 512, 64)]:
-        starts = tile_starts(size, tile, overlap)
-        assert starts[0] == 0 and starts[-1] + tile == size
-        assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:]))
+    for size, tile, overlap in [(3000, 1024, 128), (1025, 1024, 128), (5000, 512, 64), (2048, 1152, 128)]:
+        starts, length = tile_starts(size, tile, overlap)
+        assert length <= tile and length % 32 == 0
+        assert starts[0] == 0 and starts[-1] + length == size
+        assert all(b - a <= length - overlap for a, b in zip(starts, starts[1:]))
+    assert tile_starts(2048, 1152, 128) == ([0, 960], 1088)  # 2 x 2 tiles, not 3 x 3
 
 
 def test_tiled_and_untiled_agree_on_large_mosaic(model):
@@ -33,7 +35,7 @@ def test_tiled_and_untiled_agree_on_large_mosaic(model):
     model.use_backend("onnx")
     try:
         whole = model.predict(image, tile_size=3008)  # one pass over the padded image
-        tiled = model.predict(image, tile_size=1024)  # 3 x 3 overlapping tiles, blended
+        tiled = model.predict(image, tile_size=1152)  # 3 x 3 overlapping tiles of 1088, blended
     finally:
         model.use_backend("torch")
     assert whole.max() > 100

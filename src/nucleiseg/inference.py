@@ -82,23 +82,25 @@ def _ramp(n: int, overlap: int) -> np.ndarray:
     return w
 
 
-def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets of tiles of length ``tile`` covering ``size`` with at least ``overlap`` shared."""
+def tile_starts(size: int, tile: int, overlap: int) -> tuple[list[int], int]:
+    """The fewest equal tiles of at most ``tile`` pixels (a multiple of the stride) covering ``size``
+    with at least ``overlap`` shared between neighbours: (start offsets, tile length)."""
     if size <= tile:
-        return [0]
-    step = tile - overlap
-    n = int(np.ceil((size - overlap) / step))
-    starts = np.linspace(0, size - tile, n).round().astype(int)
-    return sorted(set(starts.tolist()))
+        return [0], size
+    n = int(np.ceil((size - overlap) / (tile - overlap)))
+    length = int(np.ceil((size + (n - 1) * overlap) / n))
+    length = min(tile, length + (-length) % STRIDE)
+    starts = np.linspace(0, size - length, n).round().astype(int)
+    return sorted(set(starts.tolist())), length
 
 
 def predict_maps(runner: Runner, image: np.ndarray, tile_size: int = 1024, overlap: int = 128,
                  tta: bool = False, out_channels: int | None = None) -> np.ndarray:
     """Probability maps (C, H, W) float32 for a normalised (H, W, 3) image of any size.
 
-    Images larger than ``tile_size`` are cut into overlapping tiles whose maps are blended with
-    linear ramps before post-processing, so nuclei on tile borders are neither cut nor doubled;
-    memory for the network is bounded by the tile size.
+    Images larger than ``tile_size`` are cut into the fewest overlapping tiles of at most that size,
+    whose maps are blended with linear ramps before post-processing, so nuclei on tile borders are
+    neither cut nor doubled; memory for the network is bounded by the tile size.
     """
     h, w = image.shape[:2]
     if h <= tile_size and w <= tile_size:
@@ -106,9 +108,11 @@ def predict_maps(runner: Runner, image: np.ndarray, tile_size: int = 1024, overl
     tile_size = max(STRIDE, tile_size - tile_size % STRIDE)
     overlap = min(overlap, tile_size // 2)
     acc, weight = None, np.zeros((h, w), np.float32)
-    for y in tile_starts(h, tile_size, overlap):
-        for x in tile_starts(w, tile_size, overlap):
-            tile = image[y:y + tile_size, x:x + tile_size]
+    ys, th_tile = tile_starts(h, tile_size, overlap)
+    xs, tw_tile = tile_starts(w, tile_size, overlap)
+    for y in ys:
+        for x in xs:
+            tile = image[y:y + th_tile, x:x + tw_tile]
             maps = _run_padded(runner, tile, tta)
             th, tw = tile.shape[:2]
             # no ramp on the image's own edges: only where a neighbouring tile exists

@@ -39,7 +39,7 @@ class ModelError(ValueError):
 
 
 def make_config(design: str, decoder_channels: tuple[int, ...] = (96, 64, 48, 32, 16),
-                normalization: dict | None = None, tile_size: int = 1024, tile_overlap: int = 128,
+                normalization: dict | None = None, tile_size: int = 1152, tile_overlap: int = 128,
                 training: dict | None = None, data: dict | None = None) -> dict:
     """A complete model config; every setting needed to rebuild the network and its pre-processing."""
     return {
@@ -199,7 +199,7 @@ class Model:
     def maps_from_normalized(self, image: np.ndarray, tta: bool = False, tile_size: int | None = None) -> np.ndarray:
         """Probability maps for an image already normalised with this model's settings (H, W, 3)."""
         inf = self.config.get("inference", {})
-        return predict_maps(self._runner, image, tile_size=tile_size or inf.get("tile_size", 1024),
+        return predict_maps(self._runner, image, tile_size=tile_size or inf.get("tile_size", 1152),
                             overlap=inf.get("tile_overlap", 128), tta=tta)
 
     def predict(self, image: np.ndarray, tta: bool = False, tile_size: int | None = None,

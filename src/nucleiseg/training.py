@@ -205,12 +205,13 @@ class SegmentationModule(L.LightningModule):
 
 
 class PreviewCallback(L.Callback):
-    """After each validation, save input | true | predicted for a few validation images (PNG + TensorBoard)."""
+    """After each epoch, save input | true | predicted for a few validation images (training images when
+    there is no validation split), as PNG and in TensorBoard."""
 
     def __init__(self, items, folder: Path):
         self.items, self.folder = items, folder
 
-    def on_validation_epoch_end(self, trainer, pl_module):
+    def on_train_epoch_end(self, trainer, pl_module):
         if not trainer.is_global_zero or not self.items or trainer.sanity_checking:
             return
         from .figures import prediction_grid
