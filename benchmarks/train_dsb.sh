@@ -18,9 +18,12 @@ for design in contour distance; do
       --crops-per-image 2 --encoder-weights "$WEIGHTS" --quiet 2> runs/split-$design.time
   fi
 done
+# compare the designs at equal training (the last epoch both ran), validation DSB score per history.csv
 best=$(.venv/bin/python -c "
-import json
-s = {d: json.load(open(f'runs/split-{d}/model/metrics.json'))['validation']['dsb_score'] for d in ('contour', 'distance')}
+import csv
+h = {d: list(csv.DictReader(open(f'runs/split-{d}/history.csv'))) for d in ('contour', 'distance')}
+n = min(len(r) for r in h.values())
+s = {d: float(r[n - 1]['val_dsb']) for d, r in h.items()}
 print(max(s, key=s.get))")
 echo "best design: $best"
 if [ ! -f runs/final-$best/model/weights.safetensors ]; then

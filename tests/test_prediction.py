@@ -123,7 +123,8 @@ def test_rle_round_trip():
     _, labels = nuclei_image((50, 70), n=6, seed=3)
     for k in range(1, labels.max() + 1):
         assert np.array_equal(rle_decode(rle_encode(labels == k), labels.shape), labels == k)
-    assert rle_encode(np.array([[1, 0], [1, 1]])) == "1 3"  # column-major: (0,0), (1,0), (1,1)
+    # column-major order: (0,0)=1, (1,0)=1, (0,1)=0, (1,1)=1 -> runs "start 1 length 2", "start 4 length 1"
+    assert rle_encode(np.array([[1, 0], [1, 1]])) == "1 2 4 1"
 
 
 def test_evaluate_command_writes_reports(tmp_path, capsys):

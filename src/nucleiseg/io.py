@@ -186,4 +186,4 @@ def write_tiff(path: str | os.PathLike, array: np.ndarray, **kwargs) -> None:
 def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
     """Write an 8-bit PNG atomically."""
     with atomic_path(path) as tmp:
-        Image.fromarray(array).save(tmp, format="PNG")
+        Image.fromarray(array).save(tmp, format="PNG", compress_level=1)  # fast; outputs compress well anyway

@@ -1,0 +1,47 @@
+"""The bundled default model: a self-describing folder that loads, predicts, and still segments real
+DSB2018 images well after fp16 packaging (a regression check on images from its training data)."""
+import json
+
+import numpy as np
+import pytest
+
+import nucleiseg
+from conftest import SHARED_DATA, needs_shared_data
+from nucleiseg.data import find_samples, load_items
+from nucleiseg.evaluate import evaluate_items
+from nucleiseg.io import read_image
+from nucleiseg.model import DEFAULT_MODEL_DIR
+
+EXAMPLES = sorted((DEFAULT_MODEL_DIR.parent.parent / "examples").glob("*.png"))
+
+
+def test_model_folder_is_complete_and_small():
+    for name in ("config.json", "weights.safetensors", "thresholds.json", "metrics.json", "README.md"):
+        assert (DEFAULT_MODEL_DIR / name).is_file(), name
+    assert (DEFAULT_MODEL_DIR / "weights.safetensors").stat().st_size < 10 * 2**20  # fp16
+    config = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
+    assert config["design"] in ("contour", "distance") and config["training"]["encoder_weights"]
+    card = (DEFAULT_MODEL_DIR / "README.md").read_text()
+    assert "CC0" in card and "nucleiseg train" in card
+
+
+def test_examples_give_plausible_nuclei():
+    model = nucleiseg.load()
+    assert len(EXAMPLES) == 3
+    for path in EXAMPLES:
+        labels = model.predict(read_image(path))
+        n = labels.max()
+        assert 5 <= n <= 400, (path.name, n)
+        sizes = np.bincount(labels.ravel())[1:]
+        assert np.median(sizes) > 20  # nuclei, not speckle
+
+
+@needs_shared_data
+def test_bundled_model_on_real_dsb_images():
+    """Regression check after fp16 packaging on 40 DSB images (seen in training: not a validation figure)."""
+    model = nucleiseg.load()
+    _, samples = find_samples(SHARED_DATA)
+    items = load_items(samples[::16][:40], model.config["normalization"], progress=False)
+    summary = evaluate_items(model, items)["summary"]
+    assert summary["foreground_iou"] > 0.8, summary
+    assert summary["dsb_score"] > 0.55, summary
