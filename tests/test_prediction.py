@@ -35,7 +35,7 @@ def test_tiled_and_untiled_agree_on_large_mosaic(model):
     model.use_backend("onnx")
     try:
         whole = model.predict(image, tile_size=3008)  # one pass over the padded image
-        tiled = model.predict(image, tile_size=1152)  # 3 x 3 overlapping tiles of 1088, blended
+        tiled = model.predict(image, tile_size=1152)  # 4 x 4 overlapping tiles (overlap 256), blended
     finally:
         model.use_backend("torch")
     assert whole.max() > 100

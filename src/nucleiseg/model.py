@@ -39,7 +39,7 @@ class ModelError(ValueError):
 
 
 def make_config(design: str, decoder_channels: tuple[int, ...] = (96, 64, 48, 32, 16),
-                normalization: dict | None = None, tile_size: int = 1152, tile_overlap: int = 128,
+                normalization: dict | None = None, tile_size: int = 1152, tile_overlap: int = 256,
                 training: dict | None = None, data: dict | None = None) -> dict:
     """A complete model config; every setting needed to rebuild the network and its pre-processing."""
     return {
@@ -200,7 +200,7 @@ class Model:
         """Probability maps for an image already normalised with this model's settings (H, W, 3)."""
         inf = self.config.get("inference", {})
         return predict_maps(self._runner, image, tile_size=tile_size or inf.get("tile_size", 1152),
-                            overlap=inf.get("tile_overlap", 128), tta=tta)
+                            overlap=inf.get("tile_overlap", 256), tta=tta)
 
     def predict(self, image: np.ndarray, tta: bool = False, tile_size: int | None = None,
                 thresholds: dict | None = None, scale: tuple[float, float] | None = None) -> np.ndarray:
@@ -214,7 +214,7 @@ class Model:
             from .blocks import segment_blocks
 
             labels = np.zeros(image.shape[:2], np.uint32 if image.shape[0] * image.shape[1] >= 2**31 else np.int32)
-            segment_blocks(self, image, labels, block=block // 2, halo=self.config["inference"].get("tile_overlap", 128),
+            segment_blocks(self, image, labels, block=block // 2, halo=self.config["inference"].get("tile_overlap", 256),
                            scale=scale, tile_size=tile_size, tta=tta, thresholds=thresholds)
             return labels
         maps = self.predict_maps(image, tta=tta, tile_size=tile_size, scale=scale)

@@ -53,7 +53,13 @@ def pad_to_multiple(array: np.ndarray, multiple: int, mode: str = "reflect") -> 
     return array, (h, w)
 
 
-def to_display_rgb(image: np.ndarray) -> np.ndarray:
-    """An 8-bit RGB view of any image (for overlays and figures)."""
-    img = np.clip(normalize(image, {"low": 0.5, "high": 99.8}), 0, 1)
-    return (img * 255).astype(np.uint8)
+def to_display_rgb(image: np.ndarray, strip: int = 1024) -> np.ndarray:
+    """An 8-bit RGB view of any image (for overlays and figures), converted in strips of rows so a
+    huge image never needs a float copy of itself."""
+    offset, scale = intensity_scale(image, {"low": 0.5, "high": 99.8})
+    out = np.empty(image.shape[:2] + (3,), np.uint8)
+    for y in range(0, image.shape[0], strip):
+        part = (image[y:y + strip].astype(np.float32) - offset) * (255.0 / scale)
+        part = np.clip(part, 0, 255).astype(np.uint8)
+        out[y:y + strip] = part[..., None] if part.ndim == 2 else part
+    return out
