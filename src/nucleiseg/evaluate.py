@@ -65,6 +65,7 @@ def evaluate_items(model, items: list[tuple[str, np.ndarray, np.ndarray]], maps:
                    tta: bool = False, keep_predictions: bool = False) -> dict:
     """Metrics for cached (name, normalised image, labels) items: per-image rows, summary, per type."""
     rows, preds = [], []
+    inter = union = correct = total = 0
     for i, (name, image, true) in enumerate(items):
         started = time.perf_counter()
         m = maps[i] if maps is not None else model.maps_from_normalized(image, tta=tta)
@@ -74,8 +75,12 @@ def evaluate_items(model, items: list[tuple[str, np.ndarray, np.ndarray]], maps:
                "seconds": time.perf_counter() - started}
         rows.append(row)
         preds.append(pred)
+        t, p = true > 0, pred > 0
+        inter, union = inter + int((t & p).sum()), union + int((t | p).sum())
+        correct, total = correct + int((t == p).sum()), total + t.size
     summary = _summarise(rows)
-    summary["pooled"] = {"dsb_score": pooled_dsb_score([it[2] for it in items], preds),
+    summary["pooled"] = {"foreground_iou": inter / union if union else 1.0, "pixel_accuracy": correct / total,
+                         "dsb_score": pooled_dsb_score([it[2] for it in items], preds),
                          **{f"{k}50": v for k, v in pooled_matching([it[2] for it in items], preds).items()
                             if k in ("ap", "f1", "precision", "recall")}}
     groups = {t: _summarise([r for r in rows if r["type"] == t]) for t in IMAGE_TYPES if any(r["type"] == t for r in rows)}
@@ -130,5 +135,7 @@ def format_report(report: dict) -> str:
     for name, s in [("all", report["summary"]), *report["by_type"].items()]:
         lines.append(f"{name:<15}" + " ".join(f"{s[k]:>14.4f}" if k != "n_images" else f"{s[k]:>14d}" for k in keys))
     pooled = report["summary"]["pooled"]
-    lines.append(f"pooled over images: DSB score {pooled['dsb_score']:.4f}, AP@0.5 {pooled['ap50']:.4f}, F1@0.5 {pooled['f150']:.4f}")
+    lines.append(f"pooled over all pixels/objects: foreground IoU {pooled['foreground_iou']:.4f}, pixel accuracy "
+                 f"{pooled['pixel_accuracy']:.4f}, DSB score {pooled['dsb_score']:.4f}, AP@0.5 {pooled['ap50']:.4f}, "
+                 f"F1@0.5 {pooled['f150']:.4f}")
     return "\n".join(lines)

@@ -312,8 +312,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     ckpt_dir = run_dir / "checkpoints"
     preview_items = sorted(val_items or train_items, key=lambda it: it[1].shape[0] * it[1].shape[1])[:cfg.previews]
     callbacks = [
-        L.pytorch.callbacks.ModelCheckpoint(ckpt_dir, filename="best", monitor=monitor, mode=mode, save_last=True,
+        L.pytorch.callbacks.ModelCheckpoint(ckpt_dir, filename="best", monitor=monitor, mode=mode,
                                             save_top_k=1, enable_version_counter=False),
+        # last.ckpt at the end of every training epoch (after validation): a killed run resumes there
+        L.pytorch.callbacks.ModelCheckpoint(ckpt_dir, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
+                                            save_on_train_epoch_end=True, enable_version_counter=False),
         L.pytorch.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=cfg.patience),
         L.pytorch.callbacks.LearningRateMonitor(logging_interval="epoch"),
         HistoryCallback(run_dir),
