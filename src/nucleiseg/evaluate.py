@@ -40,7 +40,7 @@ def tune_thresholds(maps: list[np.ndarray], labels: list[np.ndarray], design: st
     from .postprocess import DEFAULT_THRESHOLDS
 
     best = dict(DEFAULT_THRESHOLDS)
-    grid = {"mask": [0.3, 0.4, 0.5, 0.6, 0.7], "marker": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
+    grid = {"mask": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8], "marker": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
             "min_size": [0, 5, 10, 15, 25, 40]}
     if design == "semantic":
         del grid["marker"]
