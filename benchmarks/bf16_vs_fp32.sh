@@ -9,7 +9,7 @@ export NO_ALBUMENTATIONS_UPDATE=1
 for p in bf16-mixed 32; do
   if [ ! -f runs/precision-$p/model/metrics.json ]; then
     start=$(date +%s)
-    .venv/bin/nucleiseg train --data "$DATA" --out runs/precision-$p --max-images 160 --epochs 4 \
+    .venv/bin/nucleiseg train --data "$DATA" --out runs/precision-$p --max-images 160 --epochs 4 --crops-per-image 2 \
       --precision $p --encoder-weights "$WEIGHTS" --quiet 2> runs/precision-$p.log
     echo "$p wall $(( $(date +%s) - start )) s"
   fi

@@ -25,6 +25,7 @@ def card(config: dict, evaluation: dict, split_config: dict, command: str) -> st
     tr = config["training"]
     s = evaluation["summary"]
     n_train = len(config["data"]["train"])
+    boundary = f" boundary weight {tr['boundary_weight']}," if config["design"] == "contour" else ""
     scope = (f"all {n_train} of them (no hold-out) for this model" if not config["data"]["val"] else
              f"the {n_train} images of the seeded 80:20 training split for this model (validation images held out)")
     rows = "\n".join(
@@ -42,9 +43,8 @@ instances by marker-controlled watershed with thresholds tuned on validation dat
   derived from google-coral/test_data's `tf2_mobilenet_v2_1.0_224_ptq.tflite`, Apache-2.0).
 - **Command**: `{command}`
 - **Training**: {tr['epochs_run']} epochs of {tr['crops_per_image']} random {tr['crop']}x{tr['crop']} crops per image,
-  batch {tr['batch_size']}, Adam lr {tr['lr']}, boundary weight {tr['boundary_weight']}, precision {tr['precision']},
-  encoder BatchNorm {tr.get('encoder_bn', 'train')}; {tr['wall_time_s'] / 60:.1f} min wall time on the 2-core CPU
-  (shared with other work during that run).
+  batch {tr['batch_size']}, Adam lr {tr['lr']},{boundary} precision {tr['precision']},
+  encoder BatchNorm {tr.get('encoder_bn', 'train')}; {tr['wall_time_s'] / 60:.1f} min wall time on a 2-core CPU.
 - **Thresholds** (`thresholds.json`): tuned on the validation split of the 80:20 run of the same recipe.
 - **Weights**: fp16 safetensors (loaded as fp32).
 
