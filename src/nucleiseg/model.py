@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .inference import MapsNet, OnnxRunner, TorchRunner, predict_maps
+from .inference import TILE_OVERLAP, TILE_SIZE, MapsNet, OnnxRunner, TorchRunner, predict_maps
 from .io import read_image
 from .network import STRIDE, UNet
 from .postprocess import DEFAULT_THRESHOLDS, instances
@@ -39,7 +39,7 @@ class ModelError(ValueError):
 
 
 def make_config(design: str, decoder_channels: tuple[int, ...] = (96, 64, 48, 32, 16),
-                normalization: dict | None = None, tile_size: int = 1152, tile_overlap: int = 256,
+                normalization: dict | None = None, tile_size: int = TILE_SIZE, tile_overlap: int = TILE_OVERLAP,
                 training: dict | None = None, data: dict | None = None) -> dict:
     """A complete model config; every setting needed to rebuild the network and its pre-processing."""
     return {
@@ -199,8 +199,8 @@ class Model:
     def maps_from_normalized(self, image: np.ndarray, tta: bool = False, tile_size: int | None = None) -> np.ndarray:
         """Probability maps for an image already normalised with this model's settings (H, W, 3)."""
         inf = self.config.get("inference", {})
-        return predict_maps(self._runner, image, tile_size=tile_size or inf.get("tile_size", 1152),
-                            overlap=inf.get("tile_overlap", 256), tta=tta)
+        return predict_maps(self._runner, image, tile_size=tile_size or inf.get("tile_size", TILE_SIZE),
+                            overlap=inf.get("tile_overlap", TILE_OVERLAP), tta=tta)
 
     def predict(self, image: np.ndarray, tta: bool = False, tile_size: int | None = None,
                 thresholds: dict | None = None, scale: tuple[float, float] | None = None) -> np.ndarray:
@@ -214,7 +214,7 @@ class Model:
             from .blocks import segment_blocks
 
             labels = np.zeros(image.shape[:2], np.uint32 if image.shape[0] * image.shape[1] >= 2**31 else np.int32)
-            segment_blocks(self, image, labels, block=block // 2, halo=self.config["inference"].get("tile_overlap", 256),
+            segment_blocks(self, image, labels, block=block // 2, halo=self.config["inference"].get("tile_overlap", TILE_OVERLAP),
                            scale=scale, tile_size=tile_size, tta=tta, thresholds=thresholds)
             return labels
         maps = self.predict_maps(image, tta=tta, tile_size=tile_size, scale=scale)

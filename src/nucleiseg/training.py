@@ -71,10 +71,11 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def _rank_and_world() -> tuple[int, int]:
+def _this_rank_share(n: int) -> range:
+    """Positions 0..n-1 this process handles: every world-size-th one from its rank (all without DDP)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+        return range(torch.distributed.get_rank(), n, torch.distributed.get_world_size())
+    return range(n)
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -89,12 +90,11 @@ class EpochSampler(torch.utils.data.Sampler):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(range(_rank_and_world()[0], self.n * self.repeats, _rank_and_world()[1]))
+        return len(_this_rank_share(self.n * self.repeats))
 
     def __iter__(self):
-        rank, world = _rank_and_world()
         order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n * self.repeats)
-        return iter([(self.epoch, int(i) % self.n, int(i)) for i in order[rank::world]])
+        return iter([(self.epoch, int(order[k]) % self.n, int(order[k])) for k in _this_rank_share(len(order))])
 
 
 class ShardSampler(torch.utils.data.Sampler):
@@ -104,12 +104,10 @@ class ShardSampler(torch.utils.data.Sampler):
         self.n = n
 
     def __len__(self) -> int:
-        rank, world = _rank_and_world()
-        return len(range(rank, self.n, world))
+        return len(_this_rank_share(self.n))
 
     def __iter__(self):
-        rank, world = _rank_and_world()
-        return iter(range(rank, self.n, world))
+        return iter(_this_rank_share(self.n))
 
 
 class TrainDataset(SegmentationDataset):
