@@ -68,8 +68,10 @@ def test_killed_training_resumes_to_same_end_state(small_data, tmp_path):
     # the uninterrupted run is bit-reproducible; the resumed one continues from the checkpoint at the
     # epoch boundary and ends in an equivalent (not bit-identical) state
     assert rows[0]["train_loss"] == ref_rows[0]["train_loss"] and rows[0]["val_loss"] == ref_rows[0]["val_loss"]
-    assert float(rows[-1]["val_loss"]) == pytest.approx(float(ref_rows[-1]["val_loss"]), rel=0.35)
+    # (train loss averages 72 crops per epoch; val loss only 3 small images, too noisy to compare runs)
+    assert float(rows[-1]["train_loss"]) == pytest.approx(float(ref_rows[-1]["train_loss"]), rel=0.1)
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    assert float(rows[-1]["val_loss"]) < float(rows[0]["val_loss"])  # the resumed run kept learning
     b = Model.load(run / "model")
     image, labels = nuclei_image((96, 96), n=8, seed=50)
     assert b.predict(image).shape == labels.shape
