@@ -73,6 +73,10 @@ def test_killed_training_resumes_to_same_end_state(small_data, tmp_path):
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
     assert float(rows[-1]["val_loss"]) < float(rows[0]["val_loss"])  # the resumed run kept learning
     b = Model.load(run / "model")
+    # the recorded training time adds the killed run's epochs to the resumed run's, and grows per epoch
+    elapsed = [float(r["elapsed_s"]) for r in rows]
+    assert elapsed == sorted(elapsed) and b.config["training"]["wall_time_s"] >= elapsed[-1] - 0.1
+    assert b.config["training"]["wall_time_s"] > float(before[-1]["elapsed_s"])
     image, labels = nuclei_image((96, 96), n=8, seed=50)
     assert b.predict(image).shape == labels.shape
 

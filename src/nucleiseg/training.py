@@ -229,23 +229,36 @@ class PreviewCallback(L.Callback):
 
 
 class HistoryCallback(L.Callback):
-    """Per-epoch metrics to ``history.csv`` and a loss / accuracy / IoU / DSB plot ``curves.png``."""
+    """Per-epoch metrics to ``history.csv`` and a loss / accuracy / IoU / DSB plot ``curves.png``.
+
+    ``elapsed_s`` is the training time up to each epoch's end, summed over resumed runs.
+    """
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
         self.rows: list[dict] = []
+        self.started, self.offset_epoch = time.time(), 0
         path = run_dir / "history.csv"
         if path.exists():  # resumed run: keep earlier epochs
             with open(path) as fh:
                 self.rows = [{k: int(float(v)) if k == "epoch" else float(v) for k, v in r.items() if v != ""}
                              for r in csv.DictReader(fh)]
 
+    def elapsed(self, before_epoch: int | None = None) -> float:
+        """Seconds of training so far: the kept earlier epochs' time plus this process's."""
+        earlier = [r for r in self.rows if before_epoch is None or r["epoch"] < before_epoch]
+        return (earlier[-1].get("elapsed_s", 0.0) if earlier else 0.0) + time.time() - self.started
+
+    def on_train_start(self, trainer, pl_module):
+        self.started = time.time()
+        self.offset_epoch = trainer.current_epoch
+
     def on_train_epoch_end(self, trainer, pl_module):
         if not trainer.is_global_zero or trainer.sanity_checking:
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train_", "val_"))}
         row = {"epoch": trainer.current_epoch, "lr": trainer.optimizers[0].param_groups[0]["lr"],
-               "time": time.time(), **metrics}
+               "time": time.time(), "elapsed_s": self.elapsed(self.offset_epoch), **metrics}
         self.rows = [r for r in self.rows if r["epoch"] < trainer.current_epoch] + [row]
         keys = sorted({k for r in self.rows for k in r}, key=lambda k: (k != "epoch", k))
         with open(self.run_dir / "history.csv", "w", newline="") as fh:
@@ -309,6 +322,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     monitor, mode = ("val_dsb", "max") if val_items else ("train_loss", "min")
     ckpt_dir = run_dir / "checkpoints"
     preview_items = sorted(val_items or train_items, key=lambda it: it[1].shape[0] * it[1].shape[1])[:cfg.previews]
+    history = HistoryCallback(run_dir)
     callbacks = [
         L.pytorch.callbacks.ModelCheckpoint(ckpt_dir, filename="best", monitor=monitor, mode=mode,
                                             save_top_k=1, enable_version_counter=False),
@@ -317,7 +331,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                                             save_on_train_epoch_end=True, enable_version_counter=False),
         L.pytorch.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=cfg.patience),
         L.pytorch.callbacks.LearningRateMonitor(logging_interval="epoch"),
-        HistoryCallback(run_dir),
+        history,
         PreviewCallback(preview_items, run_dir / "previews"),
     ]
     (run_dir / "previews").mkdir(exist_ok=True)
@@ -328,7 +342,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                         num_sanity_val_steps=0, log_every_n_steps=10, deterministic=False,
                         use_distributed_sampler=False,  # our samplers shard by rank themselves
                         enable_model_summary=cfg.progress)
-    started = time.time()
     last = ckpt_dir / "last.ckpt"
     trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if resume and last.exists() else None)
     if not trainer.is_global_zero:
@@ -337,7 +350,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     state = torch.load(best if best.exists() else last, map_location="cpu", weights_only=True)["state_dict"]
     module.net.load_state_dict({k[len("net."):]: v for k, v in state.items() if k.startswith("net.")})
     model_config["training"]["epochs_run"] = trainer.current_epoch
-    model_config["training"]["wall_time_s"] = round(time.time() - started, 1)
+    model_config["training"]["wall_time_s"] = round(history.elapsed(history.offset_epoch), 1)  # summed over resumes
     model = Model(module.net, model_config)
     metrics = {"nucleiseg_version": __version__}
     if cfg.thresholds_from:
