@@ -63,8 +63,10 @@ AP@0.5 = TP/(TP+FP+FN) at IoU 0.5 (DSB2018 / StarDist convention). Image types g
 
 ## Limits
 
-Trained on DSB2018 only: nuclei 5 to 80 pixels across at the images' native resolution; rescale
-images with much larger or smaller nuclei. Not trained on 3-D data, whole cells, or non-nuclear stains.
+Trained on DSB2018 only: nuclei 5 to 80 pixels across at the images' native resolution (median
+{config.get('nucleus_diameter', '?')} px). For nuclei far outside that range, pass their typical diameter
+(`nucleiseg predict --diameter D`, `model.predict(image, diameter=D)`): images are zoomed to the trained
+size and the labels zoomed back. Not trained on 3-D data, whole cells, or non-nuclear stains.
 """
 
 

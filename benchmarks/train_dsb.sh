@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Benchmark + default-model recipe: compare target designs on the fixed 80:20 DSB split, then train the
-# better design on all fixed labels (thresholds from its validation run). Writes runs/ and logs.
+# Benchmark + default-model recipe: compare target designs on the fixed 80:20 DSB split at equal epochs,
+# train the better design longer on the split (validation figures, tuned thresholds), then train it on all
+# fixed labels with those thresholds (the default model). Writes runs/ and logs.
 # Usage: benchmarks/train_dsb.sh [DATA] [WEIGHTS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,7 +9,8 @@ DATA=${1:-../shared/data/dsb2018-stage1-train}
 WEIGHTS=${2:-../shared/weights/mobilenet_v2_imagenet.safetensors}
 EPOCHS=${EPOCHS:-10}            # contour (the default design)
 DISTANCE_EPOCHS=${DISTANCE_EPOCHS:-6}  # the alternative design, compared at equal epochs too
-FINAL_EPOCHS=${FINAL_EPOCHS:-12}
+LONG_EPOCHS=${LONG_EPOCHS:-24}   # the kept design on the split
+FINAL_EPOCHS=${FINAL_EPOCHS:-24}  # the kept design on all images
 export NO_ALBUMENTATIONS_UPDATE=1
 NS=.venv/bin/nucleiseg
 for design in contour distance; do
@@ -26,8 +28,15 @@ n = min(len(r) for r in h.values())
 s = {d: float(r[n - 1]['val_dsb']) for d, r in h.items()}
 print(max(s, key=s.get))")
 echo "best design: $best"
-if [ ! -f runs/final-$best/model/weights.safetensors ]; then
-  /usr/bin/time -v $NS train --data "$DATA" --out runs/final-$best --design $best --epochs $FINAL_EPOCHS \
-    --crops-per-image 2 --val-fraction 0 --thresholds-from runs/split-$best/model \
-    --encoder-weights "$WEIGHTS" --quiet 2> runs/final-$best.time
+long=runs/split-$best-$LONG_EPOCHS
+if [ ! -f $long/model/metrics.json ]; then
+  /usr/bin/time -v $NS train --data "$DATA" --out $long --design $best --epochs $LONG_EPOCHS \
+    --crops-per-image 2 --encoder-weights "$WEIGHTS" --quiet 2> $long.time
+fi
+$NS evaluate --model $long/model --data "$DATA" --subset val -o runs/eval-split-$best-$LONG_EPOCHS --quiet
+final=runs/final-$best-$FINAL_EPOCHS
+if [ ! -f $final/model/weights.safetensors ]; then
+  /usr/bin/time -v $NS train --data "$DATA" --out $final --design $best --epochs $FINAL_EPOCHS \
+    --crops-per-image 2 --val-fraction 0 --thresholds-from $long/model \
+    --encoder-weights "$WEIGHTS" --quiet 2> $final.time
 fi

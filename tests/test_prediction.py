@@ -10,6 +10,7 @@ from PIL import Image
 import nucleiseg
 from conftest import make_labels_layout, to_uint8
 from nucleiseg.cli import main
+from nucleiseg.data import median_diameter
 from nucleiseg.inference import tile_starts
 from nucleiseg.metrics import iou_matrix, matching
 from nucleiseg.outputs import rle_decode, rle_encode
@@ -68,6 +69,40 @@ def test_tta_averages_flips(model):
     assert tta.min() >= 0 and tta.max() <= 1
     # a flipped image gives the flipped TTA result (TTA is flip-equivariant)
     assert np.allclose(model.predict_maps(image[:, ::-1].copy(), tta=True)[:, :, ::-1], tta, atol=1e-4)
+
+
+def test_diameter_zooms_large_nuclei_to_the_trained_size(model):
+    k = 4  # nuclei 4x larger than in training (about 70 px across), as in a high-magnification image
+    f1 = {"native": [], "zoomed": [], "plain": []}
+    for seed in range(3):
+        image, labels = nuclei_image((192, 192), n=12, seed=seed)
+        big, true = np.kron(image, np.ones((k, k), image.dtype)), np.kron(labels, np.ones((k, k), labels.dtype))
+        diameter = median_diameter([true])
+        assert model.rescale_factor(diameter) == pytest.approx(model.config["nucleus_diameter"] / diameter)
+        zoomed = model.predict(big, diameter=diameter)
+        assert zoomed.shape == big.shape and zoomed.dtype == np.int32
+        assert set(np.unique(zoomed)) == set(range(zoomed.max() + 1))  # labels stay 1..N after zooming back
+        f1["zoomed"].append(matching(true, zoomed)["f1"])
+        f1["plain"].append(matching(true, model.predict(big))["f1"])
+        f1["native"].append(matching(labels, model.predict(image))["f1"])
+    mean = {key: np.mean(v) for key, v in f1.items()}
+    # with the diameter, large nuclei are found as well as the same nuclei at the trained size
+    assert mean["zoomed"] >= mean["native"] - 0.1 and mean["zoomed"] > mean["plain"] + 0.1, mean
+    # the minimum size stays in pixels of the input image (zooming resamples areas by a few %)
+    min_size = int(np.median(np.bincount(zoomed.ravel())[1:]))
+    kept = np.bincount(model.predict(big, diameter=diameter, thresholds={"min_size": min_size}).ravel())[1:]
+    assert kept.size > 0 and kept.min() >= 0.9 * min_size
+    with pytest.raises(ValueError, match="diameter"):
+        model.predict(image, diameter=0)
+
+
+def test_median_diameter_of_disks():
+    yy, xx = np.mgrid[:200, :200]
+    labels = np.zeros((200, 200), np.int32)
+    for i, (y, x, r) in enumerate([(40, 40, 10), (100, 100, 10), (160, 160, 10), (40, 160, 20)], start=1):
+        labels[(yy - y) ** 2 + (xx - x) ** 2 <= r * r] = i
+    assert median_diameter([labels]) == pytest.approx(20, abs=0.3)  # three of the four disks are 20 px across
+    assert median_diameter([np.zeros((5, 5), np.int32)]) == 0.0
 
 
 def test_api_predict_many(model, tmp_path):
@@ -158,6 +193,21 @@ def test_export_and_onnx_backend_cli(tmp_path, capsys):
     a = tifffile.imread(tmp_path / "torch" / "a_labels.tif")
     b = tifffile.imread(tmp_path / "onnx" / "a_labels.tif")
     assert a.max() == b.max() and (a > 0).sum() == pytest.approx((b > 0).sum(), rel=0.01)
+
+
+def test_predict_cli_diameter_and_threshold_overrides(tmp_path, capsys):
+    image, labels = nuclei_image((96, 96), n=6, seed=2)
+    big = np.kron(image, np.ones((3, 3), image.dtype))
+    tifffile.imwrite(tmp_path / "big.tif", big)
+    d = median_diameter([np.kron(labels, np.ones((3, 3), labels.dtype))])
+    assert main(["predict", str(tmp_path / "big.tif"), "-o", str(tmp_path / "a"), "--quiet", "--diameter", f"{d:.1f}"]) == 0
+    found = tifffile.imread(tmp_path / "a" / "big_labels.tif")
+    assert found.shape == big.shape and 4 <= found.max() <= 8
+    # a minimum size above every nucleus, given on the command line, reaches the per-file options
+    assert main(["predict", str(tmp_path / "big.tif"), "-o", str(tmp_path / "b"), "--quiet", "--min-size", "100000"]) == 0
+    assert tifffile.imread(tmp_path / "b" / "big_labels.tif").max() == 0
+    assert main(["predict", str(tmp_path / "big.tif"), "-o", str(tmp_path / "c"), "--diameter", "-3"]) == 1
+    assert "--diameter must be a positive number" in capsys.readouterr().err
 
 
 def test_help_and_info(capsys):

@@ -103,6 +103,8 @@ class Options:
     resume: bool = False
     rle: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
+    diameter: float | None = None  # typical nucleus diameter (pixels), when far from the model's
+    thresholds: dict = field(default_factory=dict)  # overrides of the model's tuned thresholds
 
 
 def predict_one(model, path: Path, stem: str, opts: Options) -> Result:
@@ -117,7 +119,8 @@ def predict_one(model, path: Path, stem: str, opts: Options) -> Result:
             return Result(path, stem, "failed", error=f"{path}: output {existing[0].name} exists (use --overwrite or --resume)")
     try:
         image = read_image(path, channel=opts.channel, max_pixels=opts.max_pixels)
-        labels = model.predict(image, tta=opts.tta, tile_size=opts.tile_size)
+        labels = model.predict(image, tta=opts.tta, tile_size=opts.tile_size, thresholds=opts.thresholds,
+                               diameter=opts.diameter)
         write_outputs(opts.out_dir, stem, image, labels, opts.outputs)
     except ImageError as exc:
         return Result(path, stem, "failed", error=str(exc), seconds=time.perf_counter() - started)

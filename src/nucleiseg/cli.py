@@ -153,6 +153,9 @@ def _add_predict(sub) -> None:
     g = p.add_argument_group("algorithm")
     g.add_argument("--tta", action="store_true", help="test-time augmentation: average over flips (slower)")
     g.add_argument("--tile-size", type=int, default=None, help="tile side for large images (default: from the model)")
+    g.add_argument("--diameter", type=float, default=None,
+                   help="typical nucleus diameter in pixels, if far from the model's (see `nucleiseg info`): "
+                        "images are zoomed to the trained nucleus size and the labels zoomed back")
     g.add_argument("--mask-threshold", type=float, default=None, help="override the model's nucleus probability threshold")
     g.add_argument("--marker-threshold", type=float, default=None, help="override the model's seed threshold")
     g.add_argument("--min-size", type=int, default=None, help="override the smallest nucleus kept (pixels)")
@@ -206,10 +209,13 @@ def _load_model(args):
     backend = resolve_backend(getattr(args, "backend", "torch"))
     if backend != "torch" or getattr(args, "threads", None):
         model.use_backend(backend, threads=args.threads)
-    overrides = {"mask": getattr(args, "mask_threshold", None), "marker": getattr(args, "marker_threshold", None),
-                 "min_size": getattr(args, "min_size", None)}
-    model.thresholds.update({k: v for k, v in overrides.items() if v is not None})
     return model
+
+
+def _threshold_overrides(args) -> dict:
+    """Thresholds given on the command line; they travel with the per-file options (also to Dask workers)."""
+    overrides = {"mask": args.mask_threshold, "marker": args.marker_threshold, "min_size": args.min_size}
+    return {k: v for k, v in overrides.items() if v is not None}
 
 
 def cmd_predict(args) -> int:
@@ -229,8 +235,11 @@ def cmd_predict(args) -> int:
     paths = collect_inputs(args.inputs, recursive=args.recursive)
     from pathlib import Path
 
+    if args.diameter is not None and not args.diameter > 0:
+        raise ValueError(f"--diameter must be a positive number of pixels, not {args.diameter}")
     opts = Options(Path(args.out), tuple(k for k in kinds if k != "rle"), args.channel, args.tta, args.tile_size,
-                   args.overwrite, args.resume, "rle" in kinds, args.max_pixels or DEFAULT_MAX_PIXELS)
+                   args.overwrite, args.resume, "rle" in kinds, args.max_pixels or DEFAULT_MAX_PIXELS,
+                   diameter=args.diameter, thresholds=_threshold_overrides(args))
     started = time.perf_counter()
     report = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     if args.dask or args.workers:
@@ -281,7 +290,8 @@ def cmd_info(args) -> int:
         model = Model.load()
         card = model.config.get("training", {})
         print(f"default model: {DEFAULT_MODEL_DIR} (design {model.design}, trained {card.get('epochs_run', '?')} epochs, "
-              f"thresholds {{mask {model.thresholds['mask']}, marker {model.thresholds['marker']}, min_size {model.thresholds['min_size']}}})")
+              f"thresholds {{mask {model.thresholds['mask']}, marker {model.thresholds['marker']}, min_size {model.thresholds['min_size']}}}, "
+              f"trained on nuclei of median diameter {model.config.get('nucleus_diameter', '?')} px)")
     except ValueError as exc:
         print(f"default model: unavailable ({exc})")
     try:

@@ -123,6 +123,15 @@ def load_sample(sample: Sample, normalization: dict | None = None) -> tuple[np.n
     return image, labels
 
 
+def median_diameter(label_images: list[np.ndarray]) -> float:
+    """Median equivalent diameter (pixels) of all nuclei in instance label images: the nucleus size a
+    model trained on them expects, used to rescale images whose nuclei are much larger or smaller."""
+    areas = [np.bincount(lab.ravel())[1:] for lab in label_images if lab.max() > 0]
+    areas = np.concatenate(areas) if areas else np.zeros(0)
+    areas = areas[areas > 0]
+    return float(np.sqrt(4 * np.median(areas) / np.pi)) if areas.size else 0.0
+
+
 def split(names: list[str], val_fraction: float = 0.2, seed: int = 0) -> tuple[list[str], list[str]]:
     """Seeded, reproducible split of sample names into (train, validation)."""
     names = sorted(names)

@@ -73,6 +73,9 @@ def validate_config(config: dict, where: str = "config.json") -> None:
         fail(f"design {design!r} needs {n_channels(design)} output channels, config says {arch.get('out_channels')}")
     if len(arch.get("decoder_channels", [])) != 5:
         fail("architecture.decoder_channels must have 5 entries")
+    diameter = config.get("nucleus_diameter")
+    if diameter is not None and not (isinstance(diameter, (int, float)) and diameter > 0):
+        fail(f"nucleus_diameter must be a positive number of pixels, not {diameter!r}")
 
 
 def build_network(config: dict) -> UNet:
@@ -202,13 +205,32 @@ class Model:
         return predict_maps(self._runner, image, tile_size=tile_size or inf.get("tile_size", TILE_SIZE),
                             overlap=inf.get("tile_overlap", TILE_OVERLAP), tta=tta)
 
+    def rescale_factor(self, diameter: float | None) -> float:
+        """Image zoom that brings nuclei of ``diameter`` pixels to the size the model was trained on."""
+        if diameter is None:
+            return 1.0
+        if not diameter > 0:
+            raise ValueError(f"diameter must be a positive number of pixels, not {diameter!r}")
+        trained = self.config.get("nucleus_diameter")
+        if not trained:
+            raise ModelError(f"{self.path or 'model'}: its config records no nucleus_diameter, so --diameter "
+                             "cannot be used; rescale the images yourself")
+        return float(trained) / float(diameter)
+
     def predict(self, image: np.ndarray, tta: bool = False, tile_size: int | None = None,
-                thresholds: dict | None = None, scale: tuple[float, float] | None = None) -> np.ndarray:
+                thresholds: dict | None = None, scale: tuple[float, float] | None = None,
+                diameter: float | None = None) -> np.ndarray:
         """Instance labels (H, W) for a raw image: 0 background, 1..N one label per nucleus.
 
+        ``diameter``: typical nucleus diameter in this image (pixels), when it differs much from the
+        training data's (``config['nucleus_diameter']``): the image is zoomed to the trained size for the
+        network and post-processing, and the labels are zoomed back (like Cellpose's diameter).
         Images with more than ``inference.block_size`` squared pixels are segmented block by block
         (:mod:`nucleiseg.blocks`), so memory stays bounded by the block size.
         """
+        factor = self.rescale_factor(diameter)
+        if abs(factor - 1.0) > 0.02:
+            return self._predict_zoomed(image, factor, tta=tta, tile_size=tile_size, thresholds=thresholds, scale=scale)
         block = self.config.get("inference", {}).get("block_size", 4096)
         if image.shape[0] * image.shape[1] > block * block:
             from .blocks import segment_blocks
@@ -219,6 +241,19 @@ class Model:
             return labels
         maps = self.predict_maps(image, tta=tta, tile_size=tile_size, scale=scale)
         return instances(maps, self.design, {**self.thresholds, **(thresholds or {})})
+
+    def _predict_zoomed(self, image: np.ndarray, factor: float, thresholds: dict | None = None, **kwargs) -> np.ndarray:
+        from skimage.segmentation import relabel_sequential
+        from skimage.transform import resize
+
+        h, w = image.shape[:2]
+        size = (max(1, round(h * factor)), max(1, round(w * factor))) + image.shape[2:]
+        zoomed = resize(image.astype(np.float32), size, order=1, preserve_range=True, anti_aliasing=factor < 1)
+        t = {**self.thresholds, **(thresholds or {})}
+        t["min_size"] = t["min_size"] * factor ** 2  # the size limit is in pixels of the original image
+        labels = self.predict(zoomed.astype(np.float32), thresholds=t, **kwargs)
+        back = resize(labels, (h, w), order=0, preserve_range=True, anti_aliasing=False).astype(labels.dtype)
+        return relabel_sequential(back)[0]  # a nucleus thinner than a pixel after zooming out may vanish
 
     def predict_many(self, paths: Iterable[str | os.PathLike], channel: int | None = None,
                      **kwargs) -> Iterator[tuple[Path, np.ndarray | Exception]]:

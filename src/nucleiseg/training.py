@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .data import SegmentationDataset, find_samples, load_items, split
+from .data import SegmentationDataset, find_samples, load_items, median_diameter, split
 from .model import Model, build_network, make_config
 from .network import STRIDE
 from .postprocess import instances
@@ -313,6 +313,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     model_config["data"]["skipped"] = problems  # one line per unusable file; training goes on without them
     train_items = [items[n] for n in train_names if n in items]
     val_items = [items[n] for n in val_names if n in items]
+    model_config["nucleus_diameter"] = round(median_diameter([it[2] for it in train_items]), 2)
 
     module = SegmentationModule(model_config, asdict(cfg))
     if not resume:
