@@ -180,6 +180,26 @@ def test_evaluate_command_writes_reports(tmp_path, capsys):
         assert (out / name).stat().st_size > 1000
 
 
+def test_tune_command_saves_thresholds_no_worse_than_before(tmp_path, capsys):
+    import shutil
+
+    data = make_labels_layout(tmp_path / "ds", n=4, shape=(128, 128))
+    model_dir = tmp_path / "model"
+    shutil.copytree(nucleiseg.model.DEFAULT_MODEL_DIR, model_dir)
+    before = json.loads((model_dir / "thresholds.json").read_text())
+    assert main(["evaluate", "--model", str(model_dir), "--data", str(data), "-o", str(tmp_path / "e0"), "--quiet"]) == 0
+    score_before = json.loads((tmp_path / "e0" / "metrics.json").read_text())["summary"]["dsb_score"]
+    assert main(["tune", "--model", str(model_dir), "--data", str(data), "--subset", "all", "--quiet"]) == 0
+    assert "saved to" in capsys.readouterr().out
+    after = json.loads((model_dir / "thresholds.json").read_text())
+    assert set(before) - {"tuned_on", "tuned_dsb_score"} <= set(after) and "peak_h" in after
+    assert after["tuned_dsb_score"] >= score_before - 1e-4
+    # the saved thresholds are the ones evaluation (and prediction) now use
+    assert main(["evaluate", "--model", str(model_dir), "--data", str(data), "-o", str(tmp_path / "e1"), "--quiet"]) == 0
+    score_after = json.loads((tmp_path / "e1" / "metrics.json").read_text())["summary"]["dsb_score"]
+    assert score_after == pytest.approx(after["tuned_dsb_score"], abs=1e-4)
+
+
 def test_export_and_onnx_backend_cli(tmp_path, capsys):
     assert main(["export", "--format", "onnx", "-o", str(tmp_path / "m.onnx")]) == 0
     import onnx

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nucleiseg.metrics import dsb_score
-from nucleiseg.postprocess import instances, remove_small
+from nucleiseg.postprocess import instances, peak_markers, remove_small
 from nucleiseg.synthetic import nuclei_image
 from nucleiseg.targets import contour_classes, encode, loss, n_channels, normalised_distance, probabilities
 
@@ -65,6 +65,34 @@ def test_perfect_maps_on_synthetic_crowd(design):
     _, lab = nuclei_image((192, 192), n=40, seed=3, touching=0.5)
     pred = instances(perfect_maps(lab, design), design, {"min_size": 5})
     assert dsb_score(lab, pred) > 0.8
+
+
+def two_peaks(saddle_depth_scale=1.0):
+    """A blurred distance-like map of two overlapping nuclei: peaks 1.0 and 0.8, saddle about 0.5."""
+    yy, xx = np.mgrid[0:40, 0:60].astype(np.float32)
+    a = np.exp(-((yy - 20) ** 2 + (xx - 22) ** 2) / (2 * 7.0 ** 2))
+    b = 0.8 * np.exp(-((yy - 20) ** 2 + (xx - 38) ** 2) / (2 * 7.0 ** 2))
+    return np.maximum(a, b)
+
+
+def test_peak_markers_keep_peaks_above_their_saddle_by_h():
+    seed = two_peaks()
+    saddle = seed[20, 22:39].min()
+    assert 0.45 < saddle < 0.55
+    region = seed > 0.1
+    assert peak_markers(seed, region, h=0.1).max() == 2  # the lower peak rises 0.8 - saddle > 0.1
+    assert peak_markers(seed, region, h=0.4).max() == 1  # ... but not 0.4: one nucleus
+    assert peak_markers(seed, region, h=0.1, floor=0.9).max() == 1  # peaks at or below the floor seed nothing
+    # two separate regions with one peak each get one marker each, whatever h
+    assert peak_markers(np.hstack([seed[:, :30], seed[:, :30]]), np.hstack([region[:, :30]] * 2), h=0.5).max() == 2
+
+
+def test_peak_h_splits_nuclei_joined_by_a_high_saddle():
+    seed = two_peaks()
+    maps = np.stack([np.where(seed > 0.1, 0.0, 1.0), np.where(seed > 0.1, 1.0, 0.0), seed]).astype(np.float32)
+    # the saddle (about 0.5) is above the marker threshold: one region, one nucleus without peak_h
+    assert instances(maps, "distance", {"mask": 0.5, "marker": 0.4, "min_size": 0}).max() == 1
+    assert instances(maps, "distance", {"mask": 0.5, "marker": 0.4, "min_size": 0, "peak_h": 0.1}).max() == 2
 
 
 def test_remove_small_and_relabel():

@@ -12,6 +12,7 @@ EXAMPLES = """examples:
   nucleiseg predict images/ -o results/                 # bundled model, every image in the folder
   nucleiseg predict 'plate1/*.tif' -o out --channel 0 --outputs labels,csv
   nucleiseg train --data data/dsb2018/stage1_train --out runs/mine
+  nucleiseg tune --model runs/mine/model --data my_annotated_images --subset all
   nucleiseg evaluate --model runs/mine/model --data data/dsb2018/stage1_test
   nucleiseg export --format onnx -o model.onnx
   nucleiseg download dsb2018 --dest data/
@@ -77,6 +78,33 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
+def _add_tune(sub) -> None:
+    p = sub.add_parser("tune", help="tune a model's post-processing thresholds on annotated images",
+                       description="Search the mask / marker thresholds, peak height and minimum size that maximise "
+                                   "the mean DSB2018 score on annotated images, and save them in the model folder "
+                                   "(thresholds.json). Use images the model was not trained on.",
+                       epilog="example: nucleiseg tune --model runs/dsb/model --data ../shared/data/dsb2018-stage1-train --subset val")
+    p.add_argument("--model", required=True, help="model folder (its thresholds.json is rewritten)")
+    p.add_argument("--data", required=True, help="annotated dataset folder")
+    p.add_argument("--labels", default=None, help="label folder name (images/+labels/ layout)")
+    p.add_argument("--subset", default="val", choices=["all", "val", "train"],
+                   help="the model's own validation split (default), all images, or its training split")
+    p.add_argument("--quiet", action="store_true")
+
+
+def cmd_tune(args) -> int:
+    from .evaluate import tune
+    from .model import Model
+
+    result = tune(Model.load(args.model), args.data, labels=args.labels, subset=args.subset, progress=not args.quiet)
+    t = result["thresholds"]
+    print(f"DSB score {result['before']:.4f} -> {t['tuned_dsb_score']:.4f}; thresholds mask {t['mask']}, marker {t['marker']}, "
+          f"min_size {t['min_size']}, peak_h {t['peak_h']} saved to {args.model}/thresholds.json")
+    for problem in result["skipped"]:
+        print(f"error: {problem}", file=sys.stderr)
+    return 1 if result["skipped"] else 0
+
+
 def cmd_train(args) -> int:
     from .training import TrainConfig, train
 
@@ -124,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_evaluate(sub)
+    _add_tune(sub)
     _add_predict(sub)
     _add_export(sub)
     _add_download(sub)
@@ -304,7 +333,7 @@ def cmd_info(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "export": cmd_export,
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "tune": cmd_tune, "predict": cmd_predict, "export": cmd_export,
             "download": cmd_download, "info": cmd_info}
 
 

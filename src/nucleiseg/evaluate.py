@@ -35,15 +35,16 @@ def _score(maps: list[np.ndarray], labels: list[np.ndarray], design: str, thresh
     return float(np.mean([dsb_score(t, instances(m, design, thresholds)) for m, t in zip(maps, labels)]))
 
 
-def tune_thresholds(maps: list[np.ndarray], labels: list[np.ndarray], design: str) -> dict:
-    """Choose mask / marker thresholds and minimum size maximising the mean DSB score (coordinate search)."""
+def tune_thresholds(maps: list[np.ndarray], labels: list[np.ndarray], design: str, start: dict | None = None) -> dict:
+    """Choose mask / marker thresholds, peak height and minimum size maximising the mean DSB score
+    (coordinate search from ``start``, default :data:`DEFAULT_THRESHOLDS`; never worse than ``start``)."""
     from .postprocess import DEFAULT_THRESHOLDS
 
-    best = dict(DEFAULT_THRESHOLDS)
+    best = {**DEFAULT_THRESHOLDS, **{k: v for k, v in (start or {}).items() if k in DEFAULT_THRESHOLDS}}
     grid = {"mask": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8], "marker": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
-            "min_size": [0, 5, 10, 15, 25, 40]}
+            "min_size": [0, 5, 10, 15, 25, 40], "peak_h": [0.0, 0.1, 0.2, 0.3]}
     if design == "semantic":
-        del grid["marker"]
+        del grid["marker"], grid["peak_h"]
     best_score = _score(maps, labels, design, best)
     for _round in range(2):
         for key, values in grid.items():
@@ -99,15 +100,7 @@ def evaluate(model, data: str | Path, out: str | Path, labels: str | None = None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     problems: list[str] = []
-    _, samples = find_samples(data, labels, problems=problems)
-    if subset != "all":
-        wanted = set(model.config.get("data", {}).get(subset, []))
-        samples = [s for s in samples if s.name in wanted]
-        if not samples:
-            raise ValueError(f"no images of the model's {subset!r} split found in {data}")
-    items = load_items(samples, model.config["normalization"], progress=progress, problems=problems)
-    if not items:
-        raise ValueError(f"{data}: no usable annotated images ({len(problems)} skipped)")
+    items = _annotated_items(model, data, labels, subset, progress, problems)
     result = evaluate_items(model, items, tta=tta, keep_predictions=True)
     preds = result.pop("predictions")
     rows = result["rows"]
@@ -126,6 +119,35 @@ def evaluate(model, data: str | Path, out: str | Path, labels: str | None = None
     examples = np.linspace(0, len(rows) - 1, min(8, len(rows))).round().astype(int)
     outlines_figure(pick(examples), out / "examples.png", "Examples")
     return report
+
+
+def _annotated_items(model, data, labels: str | None, subset: str, progress: bool, problems: list[str]) -> list:
+    """Normalised (name, image, labels) of a dataset, or of the model's own 'val' / 'train' split of it."""
+    _, samples = find_samples(data, labels, problems=problems)
+    if subset != "all":
+        wanted = set(model.config.get("data", {}).get(subset, []))
+        samples = [s for s in samples if s.name in wanted]
+        if not samples:
+            raise ValueError(f"no images of the model's {subset!r} split found in {data}")
+    items = load_items(samples, model.config["normalization"], progress=progress, problems=problems)
+    if not items:
+        raise ValueError(f"{data}: no usable annotated images ({len(problems)} skipped)")
+    return items
+
+
+def tune(model, data: str | Path, labels: str | None = None, subset: str = "val", progress: bool = True) -> dict:
+    """Tune ``model``'s thresholds on annotated images (never on images it was trained on, for honest
+    figures) and save them in its folder. Returns {'before': score, 'thresholds': ..., 'skipped': [...]}."""
+    problems: list[str] = []
+    items = _annotated_items(model, data, labels, subset, progress, problems)
+    maps = [model.maps_from_normalized(image) for _, image, _ in items]
+    truth = [it[2] for it in items]
+    before = _score(maps, truth, model.design, model.thresholds)
+    tuned = tune_thresholds(maps, truth, model.design, start=model.thresholds)
+    model.thresholds.update({**tuned, "tuned_on": f"{len(items)} images of {data} ({subset})"})
+    if model.path is not None:
+        model.save_thresholds()
+    return {"before": before, "thresholds": model.thresholds, "skipped": problems}
 
 
 def format_report(report: dict) -> str:

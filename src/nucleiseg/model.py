@@ -152,6 +152,13 @@ class Model:
             _write_json(path / "metrics.json", metrics)
         return path
 
+    def save_thresholds(self) -> Path:
+        """Rewrite only ``thresholds.json`` of this model's folder (after re-tuning)."""
+        if self.path is None:
+            raise ModelError("this model has no folder; use save()")
+        _write_json(self.path / "thresholds.json", self.thresholds)
+        return self.path / "thresholds.json"
+
     # ---- backends ------------------------------------------------------------------------------
     def export_onnx(self, path: str | os.PathLike, opset: int = 17) -> Path:
         """Export image -> probability maps to ONNX with dynamic batch, height and width."""

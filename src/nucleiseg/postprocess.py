@@ -2,16 +2,20 @@
 
 Thresholds are a plain dict (saved per model as ``thresholds.json``, tuned on validation data):
 ``mask`` (nucleus probability), ``marker`` (interior probability or normalised distance that seeds
-one nucleus), ``min_size`` (smallest nucleus kept, pixels).
+one nucleus), ``min_size`` (smallest nucleus kept, pixels), ``peak_h`` (0: every connected region above
+``marker`` seeds one nucleus; > 0: every peak of the lightly smoothed seed map that rises at least
+``peak_h`` above the saddle to a higher peak does, so two nuclei joined by a high saddle are still split).
 """
 from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.measure import label as connected_components
+from skimage.morphology import h_maxima
 from skimage.segmentation import relabel_sequential, watershed
 
-DEFAULT_THRESHOLDS = {"mask": 0.5, "marker": 0.5, "min_size": 15}
+DEFAULT_THRESHOLDS = {"mask": 0.5, "marker": 0.5, "min_size": 15, "peak_h": 0.0}
+SEED_SMOOTHING = 1.0  # sigma (pixels) of the Gaussian applied to the seed map before finding peaks
 
 
 def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
@@ -40,9 +44,13 @@ def instances(maps: np.ndarray, design: str, thresholds: dict | None = None) -> 
         seed_map = maps[2]
     else:
         raise ValueError(f"unknown target design {design!r}")
-    markers = connected_components((seed_map > t["marker"]) & mask, connectivity=1)
-    # seeds below a quarter of the minimum size are noise: they would only split a nucleus
-    markers = remove_small(markers, max(1, int(t["min_size"]) // 4))
+    if t.get("peak_h", 0) > 0:
+        seed_map = ndi.gaussian_filter(seed_map.astype(np.float32), SEED_SMOOTHING)
+        markers = peak_markers(seed_map, mask, t["peak_h"], t["marker"])
+    else:
+        markers = connected_components((seed_map > t["marker"]) & mask, connectivity=1)
+        # seeds below a quarter of the minimum size are noise: they would only split a nucleus
+        markers = remove_small(markers, max(1, int(t["min_size"]) // 4))
     labels = watershed(-seed_map, markers, mask=mask).astype(np.int32)
     # nuclei with no seed of their own (faint or tiny ones) are kept as their connected component
     orphans = connected_components(mask & (labels == 0), connectivity=1)
@@ -50,6 +58,27 @@ def instances(maps: np.ndarray, design: str, thresholds: dict | None = None) -> 
         labels[orphans > 0] = orphans[orphans > 0] + labels.max()
     labels = _fill_holes_per_object(labels)
     return remove_small(labels, int(t["min_size"])).astype(np.int32)
+
+
+def peak_markers(seed_map: np.ndarray, region: np.ndarray, h: float, floor: float = 0.0) -> np.ndarray:
+    """One marker per peak of ``seed_map`` above ``floor`` inside ``region`` that rises at least ``h``
+    above the saddle joining it to a higher peak (h-maxima), computed per connected region on its
+    bounding box."""
+    regions = connected_components(region, connectivity=1)
+    markers = np.zeros(region.shape, np.int32)
+    n = 0
+    for i, sl in enumerate(ndi.find_objects(regions), start=1):
+        if sl is None:
+            continue
+        inside = regions[sl] == i
+        crop = np.where(inside, seed_map[sl], 0).astype(np.float32)
+        peaks = (crop == ndi.maximum_filter(crop, size=3)) & inside & (crop > floor)
+        found, k = ndi.label(peaks, structure=np.ones((3, 3)))
+        if k > 1:  # several local maxima: keep those at least h high (one would seed the region anyway)
+            found, k = ndi.label(h_maxima(crop, h) & inside & (crop > floor), structure=np.ones((3, 3)))
+        markers[sl][found > 0] = found[found > 0] + n
+        n += k
+    return markers
 
 
 def _fill_holes_per_object(labels: np.ndarray) -> np.ndarray:
