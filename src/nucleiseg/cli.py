@@ -63,16 +63,20 @@ def _add_train(sub) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
+def _add_annotated_data(p, subset: str) -> None:
+    p.add_argument("--data", required=True, help="annotated dataset folder")
+    p.add_argument("--labels", default=None, help="label folder name (images/+labels/ layout)")
+    p.add_argument("--subset", default=subset, choices=["all", "val", "train"],
+                   help=f"all images, or the model's own validation/training split (default: {subset})")
+
+
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="score a model on an annotated dataset",
                        description="Pixel accuracy, foreground IoU, Dice, DSB2018 score, AP@0.5, F1@0.5 per image "
                                    "(CSV), per image type and overall (JSON), plus figures.",
                        epilog="example: nucleiseg evaluate --model runs/dsb/model --data ../shared/data/dsb2018-stage1-train --subset val")
     p.add_argument("--model", default=None, help="model folder (default: the bundled model)")
-    p.add_argument("--data", required=True, help="annotated dataset folder")
-    p.add_argument("--labels", default=None, help="label folder name (images/+labels/ layout)")
-    p.add_argument("--subset", default="all", choices=["all", "val", "train"],
-                   help="all images, or the model's own validation/training split")
+    _add_annotated_data(p, subset="all")
     p.add_argument("-o", "--out", default="evaluation", help="output folder")
     p.add_argument("--tta", action="store_true", help="average predictions over flips")
     p.add_argument("--quiet", action="store_true")
@@ -85,10 +89,7 @@ def _add_tune(sub) -> None:
                                    "(thresholds.json). Use images the model was not trained on.",
                        epilog="example: nucleiseg tune --model runs/dsb/model --data ../shared/data/dsb2018-stage1-train --subset val")
     p.add_argument("--model", required=True, help="model folder (its thresholds.json is rewritten)")
-    p.add_argument("--data", required=True, help="annotated dataset folder")
-    p.add_argument("--labels", default=None, help="label folder name (images/+labels/ layout)")
-    p.add_argument("--subset", default="val", choices=["all", "val", "train"],
-                   help="the model's own validation split (default), all images, or its training split")
+    _add_annotated_data(p, subset="val")
     p.add_argument("--quiet", action="store_true")
 
 
