@@ -226,6 +226,10 @@ def test_predict_cli_diameter_and_threshold_overrides(tmp_path, capsys):
     # a minimum size above every nucleus, given on the command line, reaches the per-file options
     assert main(["predict", str(tmp_path / "big.tif"), "-o", str(tmp_path / "b"), "--quiet", "--min-size", "100000"]) == 0
     assert tifffile.imread(tmp_path / "b" / "big_labels.tif").max() == 0
+    # --peak-h 0 switches to region seeds, which find the same 6 nuclei about as well
+    assert main(["predict", str(tmp_path / "big.tif"), "-o", str(tmp_path / "p"), "--quiet", "--peak-h", "0",
+                 "--diameter", f"{d:.1f}"]) == 0
+    assert 4 <= tifffile.imread(tmp_path / "p" / "big_labels.tif").max() <= 8
     assert main(["predict", str(tmp_path / "big.tif"), "-o", str(tmp_path / "c"), "--diameter", "-3"]) == 1
     assert "--diameter must be a positive number" in capsys.readouterr().err
 

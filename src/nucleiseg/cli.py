@@ -189,6 +189,8 @@ def _add_predict(sub) -> None:
     g.add_argument("--mask-threshold", type=float, default=None, help="override the model's nucleus probability threshold")
     g.add_argument("--marker-threshold", type=float, default=None, help="override the model's seed threshold")
     g.add_argument("--min-size", type=int, default=None, help="override the smallest nucleus kept (pixels)")
+    g.add_argument("--peak-h", type=float, default=None,
+                   help="override the model's seed peak height (0: one seed per region above the marker threshold)")
     g = p.add_argument_group("output")
     g.add_argument("--outputs", default="labels,mask,overlay,csv",
                    help="comma-separated: labels, mask, overlay, csv (per image) and rle (Kaggle CSV for the run)")
@@ -244,7 +246,8 @@ def _load_model(args):
 
 def _threshold_overrides(args) -> dict:
     """Thresholds given on the command line; they travel with the per-file options (also to Dask workers)."""
-    overrides = {"mask": args.mask_threshold, "marker": args.marker_threshold, "min_size": args.min_size}
+    overrides = {"mask": args.mask_threshold, "marker": args.marker_threshold, "min_size": args.min_size,
+                 "peak_h": args.peak_h}
     return {k: v for k, v in overrides.items() if v is not None}
 
 

@@ -258,7 +258,7 @@ class Model:
         zoomed = resize(image.astype(np.float32), size, order=1, preserve_range=True, anti_aliasing=factor < 1)
         t = {**self.thresholds, **(thresholds or {})}
         t["min_size"] = t["min_size"] * factor ** 2  # the size limit is in pixels of the original image
-        labels = self.predict(zoomed.astype(np.float32), thresholds=t, **kwargs)
+        labels = self.predict(zoomed.astype(np.float32, copy=False), thresholds=t, **kwargs)
         back = resize(labels, (h, w), order=0, preserve_range=True, anti_aliasing=False).astype(labels.dtype)
         return relabel_sequential(back)[0]  # a nucleus thinner than a pixel after zooming out may vanish
 

@@ -44,7 +44,7 @@ def instances(maps: np.ndarray, design: str, thresholds: dict | None = None) -> 
         seed_map = maps[2]
     else:
         raise ValueError(f"unknown target design {design!r}")
-    if t.get("peak_h", 0) > 0:
+    if t["peak_h"] > 0:
         seed_map = ndi.gaussian_filter(seed_map.astype(np.float32), SEED_SMOOTHING)
         markers = peak_markers(seed_map, mask, t["peak_h"], t["marker"])
     else:
