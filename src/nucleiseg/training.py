@@ -237,28 +237,27 @@ class HistoryCallback(L.Callback):
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
         self.rows: list[dict] = []
-        self.started, self.offset_epoch = time.time(), 0
+        self.started, self.earlier_s = time.time(), 0.0
         path = run_dir / "history.csv"
         if path.exists():  # resumed run: keep earlier epochs
             with open(path) as fh:
                 self.rows = [{k: int(float(v)) if k == "epoch" else float(v) for k, v in r.items() if v != ""}
                              for r in csv.DictReader(fh)]
 
-    def elapsed(self, before_epoch: int | None = None) -> float:
-        """Seconds of training so far: the kept earlier epochs' time plus this process's."""
-        earlier = [r for r in self.rows if before_epoch is None or r["epoch"] < before_epoch]
-        return (earlier[-1].get("elapsed_s", 0.0) if earlier else 0.0) + time.time() - self.started
+    def elapsed(self) -> float:
+        """Seconds of training so far: the epochs kept from before a resume plus this process's."""
+        return self.earlier_s + time.time() - self.started
 
     def on_train_start(self, trainer, pl_module):
-        self.started = time.time()
-        self.offset_epoch = trainer.current_epoch
+        kept = [r for r in self.rows if r["epoch"] < trainer.current_epoch]  # epochs finished before a resume
+        self.started, self.earlier_s = time.time(), (kept[-1].get("elapsed_s", 0.0) if kept else 0.0)
 
     def on_train_epoch_end(self, trainer, pl_module):
         if not trainer.is_global_zero or trainer.sanity_checking:
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train_", "val_"))}
         row = {"epoch": trainer.current_epoch, "lr": trainer.optimizers[0].param_groups[0]["lr"],
-               "time": time.time(), "elapsed_s": self.elapsed(self.offset_epoch), **metrics}
+               "time": time.time(), "elapsed_s": self.elapsed(), **metrics}
         self.rows = [r for r in self.rows if r["epoch"] < trainer.current_epoch] + [row]
         keys = sorted({k for r in self.rows for k in r}, key=lambda k: (k != "epoch", k))
         with open(self.run_dir / "history.csv", "w", newline="") as fh:
@@ -351,7 +350,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     state = torch.load(best if best.exists() else last, map_location="cpu", weights_only=True)["state_dict"]
     module.net.load_state_dict({k[len("net."):]: v for k, v in state.items() if k.startswith("net.")})
     model_config["training"]["epochs_run"] = trainer.current_epoch
-    model_config["training"]["wall_time_s"] = round(history.elapsed(history.offset_epoch), 1)  # summed over resumes
+    model_config["training"]["wall_time_s"] = round(history.elapsed(), 1)  # summed over resumes
     model = Model(module.net, model_config)
     metrics = {"nucleiseg_version": __version__}
     if cfg.thresholds_from:
