@@ -79,6 +79,12 @@ def test_killed_training_resumes_to_same_end_state(small_data, tmp_path):
     assert b.config["training"]["wall_time_s"] > float(before[-1]["elapsed_s"])
     image, labels = nuclei_image((96, 96), n=8, seed=50)
     assert b.predict(image).shape == labels.shape
+    # a finished run is extended with --epochs: only the new epoch is trained
+    subprocess.run(CLI + ["train", "--resume", str(run), "--epochs", "5", "--quiet"], env=ENV, check=True,
+                   timeout=600, capture_output=True)
+    extended = history_rows(run)
+    assert [r["epoch"] for r in extended] == ["0", "1", "2", "3", "4"] and extended[:4] == rows
+    assert Model.load(run / "model").config["training"]["epochs"] == 5
 
 
 def test_ddp_two_cpu_processes_match_single_process(small_data, tmp_path):

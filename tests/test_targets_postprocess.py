@@ -6,7 +6,7 @@ import torch
 from nucleiseg.metrics import dsb_score
 from nucleiseg.postprocess import instances, peak_markers, remove_small
 from nucleiseg.synthetic import nuclei_image
-from nucleiseg.targets import contour_classes, encode, loss, n_channels, normalised_distance, probabilities
+from nucleiseg.targets import contact_map, contour_classes, encode, loss, n_channels, normalised_distance, probabilities
 
 
 def two_touching_discs():
@@ -131,3 +131,33 @@ def test_loss_decreases_towards_targets(design):
     assert value.item() < 0.5 * first
     maps = probabilities(logits.detach(), design)[0].numpy()
     assert dsb_score(lab, instances(maps, design, {"min_size": 5})) > 0.5 or design == "semantic"
+
+
+def test_contact_map_marks_only_where_two_nuclei_meet():
+    lab = two_touching_discs()
+    contact = contact_map(lab)
+    ys, xs = np.nonzero(contact)
+    assert contact.any() and set(np.unique(contact)) == {0.0, 1.0}
+    assert xs.min() >= 29 - 3 and xs.max() <= 30 + 3  # a band around the shared edge (columns 29 | 30)
+    alone = lab.copy()
+    alone[alone == 2] = 0
+    assert not contact_map(alone).any()  # a single nucleus touches nobody
+
+
+def test_contact_weight_counts_errors_where_nuclei_meet_more():
+    lab = two_touching_discs()
+    target = torch.from_numpy(encode(lab, "distance"))[None]
+    contact = target[0, 2] > 0
+    # logits that are right everywhere (margin 6) except on the contact band, where they are wrong
+    sign = torch.where(target[0, 0] > 0, 1.0, -1.0)
+    sign[contact] *= -1
+    logits = torch.stack([-3 * sign, 3 * sign, 6 * (2 * target[0, 1] - 1)])[None]
+    plain = loss(logits, target, "distance").item()
+    weighted = loss(logits, target, "distance", contact_weight=5.0).item()
+    assert weighted > 3 * plain
+    # with the errors away from the contacts instead, the weight hardly matters
+    sign = torch.where(target[0, 0] > 0, 1.0, -1.0)
+    sign[~contact & (torch.arange(60)[None, :] < 10)] *= -1
+    logits = torch.stack([-3 * sign, 3 * sign, 6 * (2 * target[0, 1] - 1)])[None]
+    assert loss(logits, target, "distance", contact_weight=5.0).item() == pytest.approx(
+        loss(logits, target, "distance").item(), rel=0.1)

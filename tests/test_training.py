@@ -48,6 +48,19 @@ def test_run_folder_contents(trained):
     assert 0 <= metrics["validation"]["dsb_score"] <= 1
 
 
+def test_decoder_batchnorm_learns_in_every_epoch(trained):
+    """The per-epoch preview runs the net in eval mode; training must go on in train mode afterwards
+    (the decoder's BatchNorm counts every training step, the frozen encoder's counts none)."""
+    import torch
+
+    ckpt = torch.load(trained[1] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    counts = {k: int(v) for k, v in ckpt["state_dict"].items() if k.endswith("num_batches_tracked")}
+    decoder = [v for k, v in counts.items() if k.startswith("net.decoder.")]
+    assert decoder and all(v == ckpt["global_step"] for v in decoder), (set(decoder), ckpt["global_step"])
+    assert ckpt["global_step"] == 12 * 4  # 12 epochs of 4 batches (16 training images x 2 crops / 8)
+    assert all(v == 0 for k, v in counts.items() if k.startswith("net.encoder."))
+
+
 def test_save_load_round_trip_identical(trained, tmp_path):
     model = Model.load(trained[0])
     image, _ = nuclei_image((100, 140), n=10, seed=7)
@@ -73,3 +86,19 @@ def test_config_mismatch_is_refused(trained, tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "format_version": 99}))
     with pytest.raises(ModelError, match="version"):
         Model.load(tmp_path / "m")
+
+
+def test_fine_tuning_starts_from_the_given_model(trained, tmp_path):
+    import csv
+
+    model_dir, run = trained
+    cfg = TrainConfig(data=json.loads((run / "train_config.json").read_text())["data"], out=str(tmp_path / "ft"),
+                      design="contour", epochs=1, batch_size=8, crop=96, crops_per_image=2, lr=1e-4,
+                      encoder_weights="none", init_model=str(model_dir), progress=False, previews=0)
+    tuned = Model.load(train(cfg))
+    assert tuned.config["training"]["init_model"] == str(model_dir)
+    first = lambda folder: float(next(csv.DictReader(open(folder / "history.csv")))["val_loss"])  # noqa: E731
+    assert first(tmp_path / "ft") < 0.5 * first(run)  # one epoch from the trained weights beats one from scratch
+    wrong = TrainConfig(**{**cfg.__dict__, "design": "distance", "out": str(tmp_path / "wrong")})
+    with pytest.raises(ValueError, match="design"):
+        train(wrong)

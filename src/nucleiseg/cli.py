@@ -42,13 +42,18 @@ def _add_train(sub) -> None:
                    help="encoder BatchNorm statistics while fine-tuning: fixed (default) or from each batch")
     g = p.add_argument_group("training")
     g.add_argument("--out", default="runs/nucleiseg", help="run folder")
-    g.add_argument("--epochs", type=int, default=40)
+    g.add_argument("--epochs", type=int, default=None,
+                   help="epochs to train (default 40); with --resume, extend a run to this many epochs")
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--crop", type=int, default=256, help="random crop size at native resolution")
     g.add_argument("--crops-per-image", type=int, default=1, help="random crops per training image per epoch")
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--patience", type=int, default=10, help="early stopping patience (epochs)")
     g.add_argument("--boundary-weight", type=float, default=3.0, help="cross-entropy weight of the boundary class")
+    g.add_argument("--contact-weight", type=float, default=0.0,
+                   help="distance design: extra loss weight where touching nuclei meet (0 = off)")
+    g.add_argument("--init-model", default=None, metavar="MODEL",
+                   help="fine-tune: start from this model folder's weights instead of ImageNet")
     g.add_argument("--dice-weight", type=float, default=0.0, help="weight of an added foreground Dice loss")
     g.add_argument("--precision", default="bf16-mixed", help="'bf16-mixed' (fast on CPUs with AMX/AVX512-BF16) or '32'")
     g.add_argument("--thresholds-from", default=None, help="copy thresholds.json from this model folder "
@@ -110,16 +115,19 @@ def cmd_train(args) -> int:
     from .training import TrainConfig, train
 
     if args.resume:
-        model_dir = train(TrainConfig(data="", out=args.resume, progress=not args.quiet), resume=True)
+        model_dir = train(TrainConfig(data="", out=args.resume, progress=not args.quiet), resume=True,
+                          epochs=args.epochs)
     else:
         if not args.data:
             raise SystemExit("nucleiseg train: --data is required (or --resume RUN)")
-        cfg = TrainConfig(data=args.data, out=args.out, design=args.design, labels=args.labels, epochs=args.epochs,
+        cfg = TrainConfig(data=args.data, out=args.out, design=args.design, labels=args.labels,
+                          epochs=args.epochs or TrainConfig.epochs,
                           batch_size=args.batch_size, crop=args.crop, lr=args.lr, val_fraction=args.val_fraction,
                           seed=args.seed, encoder_weights=args.encoder_weights, freeze_encoder=args.freeze_encoder,
                           encoder_bn=args.encoder_bn,
                           precision=args.precision, patience=args.patience, boundary_weight=args.boundary_weight,
-                          dice_weight=args.dice_weight, crops_per_image=args.crops_per_image,
+                          dice_weight=args.dice_weight, contact_weight=args.contact_weight,
+                          init_model=args.init_model, crops_per_image=args.crops_per_image,
                           num_workers=args.workers, max_images=args.max_images, thresholds_from=args.thresholds_from,
                           accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,
                           strategy=args.strategy, progress=not args.quiet)

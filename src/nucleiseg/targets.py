@@ -7,7 +7,8 @@ that :mod:`nucleiseg.postprocess` converts back into instances.
 - ``semantic``: background / nucleus (the original recipe; touching nuclei merge).
 - ``contour``: background / interior / boundary, boundary weighted; watershed from interiors.
 - ``distance``: background / nucleus + each nucleus's normalised distance to its border; watershed
-  from distance peaks.
+  from distance peaks. Its targets also carry a *contact* map (pixels near two different nuclei) that
+  the loss can up-weight, so the network learns to mark where touching nuclei meet.
 """
 from __future__ import annotations
 
@@ -53,6 +54,16 @@ def normalised_distance(labels: np.ndarray) -> np.ndarray:
     return dist
 
 
+def contact_map(labels: np.ndarray, radius: int = 2) -> np.ndarray:
+    """1 where a (2 radius + 1)-square window holds two different nuclei (where touching or nearly
+    touching nuclei meet, background gaps included), else 0."""
+    size = 2 * radius + 1
+    high = ndi.maximum_filter(labels, size=size)
+    big = int(labels.max()) + 1  # stands for background in the minimum
+    low = ndi.minimum_filter(np.where(labels > 0, labels, big), size=size)
+    return ((low < big) & (high != low)).astype(np.float32)
+
+
 def encode(labels: np.ndarray, design: str) -> np.ndarray:
     """Per-pixel targets (T, H, W) float32 for an instance label image (0 = background)."""
     design = _check(design)
@@ -60,12 +71,16 @@ def encode(labels: np.ndarray, design: str) -> np.ndarray:
         return (labels > 0).astype(np.float32)[None]
     if design == "contour":
         return contour_classes(labels).astype(np.float32)[None]
-    return np.stack([(labels > 0).astype(np.float32), normalised_distance(labels)])
+    return np.stack([(labels > 0).astype(np.float32), normalised_distance(labels), contact_map(labels)])
 
 
 def loss(logits: torch.Tensor, target: torch.Tensor, design: str, boundary_weight: float = 3.0,
-         dice_weight: float = 0.0) -> torch.Tensor:
-    """Cross-entropy (class-weighted for boundaries) + optional Dice on foreground, + distance BCE."""
+         dice_weight: float = 0.0, contact_weight: float = 0.0) -> torch.Tensor:
+    """Cross-entropy (class-weighted for boundaries) + optional Dice on foreground, + distance BCE.
+
+    ``contact_weight`` (distance design): pixels of the contact map count ``1 + contact_weight`` times
+    in the cross-entropy and the distance loss (like U-Net's border weights for touching cells).
+    """
     design = _check(design)
     logits = logits.float()
     n_cls = 3 if design == "contour" else 2
@@ -73,7 +88,11 @@ def loss(logits: torch.Tensor, target: torch.Tensor, design: str, boundary_weigh
     weight = None
     if design == "contour":
         weight = torch.tensor([1.0, 1.0, boundary_weight], device=logits.device)
-    total = F.cross_entropy(logits[:, :n_cls], classes, weight=weight)
+    pixel_weight = 1.0 + contact_weight * target[:, 2] if design == "distance" and contact_weight > 0 else None
+    if pixel_weight is None:
+        total = F.cross_entropy(logits[:, :n_cls], classes, weight=weight)
+    else:
+        total = (F.cross_entropy(logits[:, :n_cls], classes, reduction="none") * pixel_weight).mean()
     if dice_weight > 0:
         fg = 1 - torch.softmax(logits[:, :n_cls], dim=1)[:, 0]
         true_fg = (classes > 0).float()
@@ -81,7 +100,7 @@ def loss(logits: torch.Tensor, target: torch.Tensor, design: str, boundary_weigh
         dice = (2 * inter + 1) / (fg.sum() + true_fg.sum() + 1)
         total = total + dice_weight * (1 - dice)
     if design == "distance":
-        total = total + F.binary_cross_entropy_with_logits(logits[:, 2], target[:, 1])
+        total = total + F.binary_cross_entropy_with_logits(logits[:, 2], target[:, 1], weight=pixel_weight)
     return total
 
 

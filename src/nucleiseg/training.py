@@ -53,6 +53,8 @@ class TrainConfig:
     patience: int = 10
     boundary_weight: float = 3.0
     dice_weight: float = 0.0
+    contact_weight: float = 0.0  # distance design: extra loss weight where touching nuclei meet
+    init_model: str | None = None  # start from this model folder's weights (fine-tuning) instead of ImageNet
     crops_per_image: int = 1
     num_workers: int = 0
     max_images: int | None = None
@@ -155,8 +157,17 @@ class SegmentationModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self.net.to(memory_format=torch.channels_last)  # faster convolutions on CPU (and with bf16)
 
-    def init_encoder(self) -> str:
-        return load_encoder_weights(self.net.encoder, self.cfg.encoder_weights)
+    def init_weights(self) -> str:
+        """Initialise from a trained model folder (fine-tuning) or the encoder from ImageNet weights."""
+        if self.cfg.init_model:
+            source = Model.load(self.cfg.init_model)
+            same_arch = json.loads(json.dumps(self.model_config["architecture"])) == source.config["architecture"]
+            if source.design != self.design or not same_arch:
+                raise ValueError(f"{self.cfg.init_model}: its design/architecture differ from this run's "
+                                 f"({source.design} vs {self.design}); fine-tune with the same --design and decoder")
+            self.net.load_state_dict(source.net.state_dict())
+            return f"model {self.cfg.init_model}"
+        return "encoder " + load_encoder_weights(self.net.encoder, self.cfg.encoder_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.contiguous(memory_format=torch.channels_last))
@@ -171,7 +182,8 @@ class SegmentationModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         logits = self(x)
-        loss = target_loss(logits, y, self.design, self.cfg.boundary_weight, self.cfg.dice_weight)
+        loss = target_loss(logits, y, self.design, self.cfg.boundary_weight, self.cfg.dice_weight,
+                           self.cfg.contact_weight)
         stats = self._pixel_stats(logits.detach(), y)
         bs = x.shape[0]
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
@@ -183,7 +195,8 @@ class SegmentationModule(L.LightningModule):
         x, y, labels = batch
         h, w = x.shape[-2:]
         logits = self(_pad(x))[..., :h, :w]
-        loss = target_loss(logits, y, self.design, self.cfg.boundary_weight, self.cfg.dice_weight)
+        loss = target_loss(logits, y, self.design, self.cfg.boundary_weight, self.cfg.dice_weight,
+                           self.cfg.contact_weight)
         stats = self._pixel_stats(logits, y)
         maps = probabilities(logits.float(), self.design)[0].cpu().numpy()
         from .metrics import dsb_score
@@ -214,8 +227,8 @@ class PreviewCallback(L.Callback):
             return
         from .figures import prediction_grid
 
+        was_training = pl_module.net.training  # read before Model(), which switches the net to eval mode
         model = Model(pl_module.net, pl_module.model_config)
-        was_training = pl_module.net.training
         rows = []
         for name, image, labels in self.items:
             maps = model.maps_from_normalized(image)
@@ -281,16 +294,16 @@ def _loaders(cfg: TrainConfig, train_items, val_items, design: str):
     return train, val
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> Path:
+def train(cfg: TrainConfig, resume: bool = False, epochs: int | None = None) -> Path:
     """Train a model and write the run folder; returns the path of the saved model folder.
 
     With ``resume``, ``cfg.out`` must be an earlier run: its settings and ``last.ckpt`` are used and
-    training continues to the planned number of epochs.
+    training continues to the planned number of epochs, or to ``epochs`` (to extend a finished run).
     """
     run_dir = Path(cfg.out)
     if resume:
         saved = json.loads((run_dir / "train_config.json").read_text())
-        cfg = TrainConfig.from_dict({**saved, "progress": cfg.progress})
+        cfg = TrainConfig.from_dict({**saved, "progress": cfg.progress, "epochs": epochs or saved["epochs"]})
     elif (run_dir / "checkpoints" / "last.ckpt").exists():
         raise FileExistsError(f"{run_dir}: holds an earlier run; use --resume to continue it or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -316,7 +329,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
     module = SegmentationModule(model_config, asdict(cfg))
     if not resume:
-        log.info("encoder initialised from %s", module.init_encoder())
+        log.info("initialised from %s", module.init_weights())
     train_loader, val_loader = _loaders(cfg, train_items, val_items, cfg.design)
 
     monitor, mode = ("val_dsb", "max") if val_items else ("train_loss", "min")
