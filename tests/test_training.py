@@ -102,3 +102,16 @@ def test_fine_tuning_starts_from_the_given_model(trained, tmp_path):
     wrong = TrainConfig(**{**cfg.__dict__, "design": "distance", "out": str(tmp_path / "wrong")})
     with pytest.raises(ValueError, match="design"):
         train(wrong)
+
+
+def test_fine_tuning_from_the_bundled_model_loads_its_weights():
+    import torch
+
+    from nucleiseg.model import make_config
+    from nucleiseg.training import SegmentationModule
+
+    bundled = Model.load()
+    module = SegmentationModule(make_config(bundled.design), {"data": "", "init_model": "default"})
+    assert module.init_weights().startswith("model ")
+    ours, theirs = module.net.state_dict(), bundled.net.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)

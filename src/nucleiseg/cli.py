@@ -53,7 +53,8 @@ def _add_train(sub) -> None:
     g.add_argument("--contact-weight", type=float, default=0.0,
                    help="distance design: extra loss weight where touching nuclei meet (0 = off)")
     g.add_argument("--init-model", default=None, metavar="MODEL",
-                   help="fine-tune: start from this model folder's weights instead of ImageNet")
+                   help="fine-tune: start from this model folder's weights ('default': the bundled model) "
+                        "instead of ImageNet")
     g.add_argument("--dice-weight", type=float, default=0.0, help="weight of an added foreground Dice loss")
     g.add_argument("--precision", default="bf16-mixed", help="'bf16-mixed' (fast on CPUs with AMX/AVX512-BF16) or '32'")
     g.add_argument("--thresholds-from", default=None, help="copy thresholds.json from this model folder "

@@ -54,7 +54,7 @@ class TrainConfig:
     boundary_weight: float = 3.0
     dice_weight: float = 0.0
     contact_weight: float = 0.0  # distance design: extra loss weight where touching nuclei meet
-    init_model: str | None = None  # start from this model folder's weights (fine-tuning) instead of ImageNet
+    init_model: str | None = None  # start from this model folder ('default': the bundled one), not ImageNet
     crops_per_image: int = 1
     num_workers: int = 0
     max_images: int | None = None
@@ -160,7 +160,7 @@ class SegmentationModule(L.LightningModule):
     def init_weights(self) -> str:
         """Initialise from a trained model folder (fine-tuning) or the encoder from ImageNet weights."""
         if self.cfg.init_model:
-            source = Model.load(self.cfg.init_model)
+            source = Model.load(None if self.cfg.init_model == "default" else self.cfg.init_model)
             same_arch = json.loads(json.dumps(self.model_config["architecture"])) == source.config["architecture"]
             if source.design != self.design or not same_arch:
                 raise ValueError(f"{self.cfg.init_model}: its design/architecture differ from this run's "
