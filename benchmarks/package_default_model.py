@@ -21,13 +21,25 @@ DESCRIPTION = {"distance": "nucleus probability and each nucleus's distance to i
                "semantic": "background / nucleus"}
 
 
-def card(config: dict, evaluation: dict, split_config: dict, command: str) -> str:
+def training_line(tr: dict, boundary: str, label: str = "Training") -> str:
+    contact = f" contact weight {tr['contact_weight']}," if tr.get("contact_weight") else ""
+    return (f"- **{label}**: {tr['epochs_run']} epochs of {tr['crops_per_image']} random {tr['crop']}x{tr['crop']} crops "
+            f"per image,\n  batch {tr['batch_size']}, Adam lr {tr['lr']},{boundary}{contact} precision {tr['precision']},\n"
+            f"  encoder BatchNorm {tr.get('encoder_bn', 'train')}; {tr['wall_time_s'] / 60:.1f} min wall time on a 2-core CPU.")
+
+
+def card(config: dict, evaluation: dict, split_config: dict, command: str, base_config: dict | None = None) -> str:
+    """The model card; ``base_config``: config of the model this one was fine-tuned from (``--init-model``)."""
     tr = config["training"]
     s = evaluation["summary"]
     n_train = len(config["data"]["train"])
     boundary = f" boundary weight {tr['boundary_weight']}," if config["design"] == "contour" else ""
     scope = (f"all {n_train} of them (no hold-out) for this model" if not config["data"]["val"] else
              f"the {n_train} images of the seeded 80:20 training split for this model (validation images held out)")
+    stages = training_line(tr, boundary)
+    if base_config is not None:
+        stages = (training_line(base_config["training"], boundary, "Training, stage 1 (from ImageNet)") + "\n"
+                  + training_line(tr, boundary, f"Training, stage 2 (fine-tuned from stage 1, `{tr['init_model']}`)"))
     rows = "\n".join(
         f"| {name} | {g['n_images']} | {g['dsb_score']:.3f} | {g['ap50']:.3f} | {g['f1_50']:.3f} | "
         f"{g['foreground_iou']:.3f} | {g['pixel_accuracy']:.3f} |"
@@ -42,9 +54,7 @@ instances by marker-controlled watershed with thresholds tuned on validation dat
 - **Encoder initialisation**: ImageNet MobileNetV2 in torchvision's layout (`mobilenet_v2_imagenet.safetensors`,
   derived from google-coral/test_data's `tf2_mobilenet_v2_1.0_224_ptq.tflite`, Apache-2.0).
 - **Command**: `{command}`
-- **Training**: {tr['epochs_run']} epochs of {tr['crops_per_image']} random {tr['crop']}x{tr['crop']} crops per image,
-  batch {tr['batch_size']}, Adam lr {tr['lr']},{boundary} precision {tr['precision']},
-  encoder BatchNorm {tr.get('encoder_bn', 'train')}; {tr['wall_time_s'] / 60:.1f} min wall time on a 2-core CPU.
+{stages}
 - **Thresholds** (`thresholds.json`): tuned on the validation split of the 80:20 run of the same recipe.
 - **Weights**: fp16 safetensors (loaded as fp32).
 
@@ -77,9 +87,12 @@ def main() -> None:
     parser.add_argument("--evaluation", type=Path, required=True)
     parser.add_argument("--command", required=True)
     parser.add_argument("--dest", type=Path, default=DEFAULT_MODEL_DIR)
+    parser.add_argument("--note", default="", help="a paragraph added to the card under 'Notes'")
     args = parser.parse_args()
     model = Model.load(args.final / "model")
     split_model = Model.load(args.validation / "model")
+    init = model.config["training"].get("init_model")
+    base_config = Model.load(init).config if init else None
     evaluation = json.loads(args.evaluation.read_text())
     # current inference defaults (tiling, block size) of this nucleiseg version
     model.config["inference"] = {**model.config["inference"], **make_config(model.design)["inference"]}
@@ -90,7 +103,8 @@ def main() -> None:
     model.save(args.dest, half=True, metrics={"validation_of_recipe": evaluation["summary"],
                                               "validation_by_type": evaluation["by_type"],
                                               "note": "measured with the 80:20 run of the same recipe"})
-    (args.dest / "README.md").write_text(card(model.config, evaluation, split_model.config, args.command))
+    (args.dest / "README.md").write_text(card(model.config, evaluation, split_model.config, args.command, base_config)
+                                           + (f"\n## Notes\n\n{args.note}\n" if args.note else ""))
     print(f"packaged {args.final} -> {args.dest}")
 
 
