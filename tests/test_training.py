@@ -115,3 +115,19 @@ def test_fine_tuning_from_the_bundled_model_loads_its_weights():
     assert module.init_weights().startswith("model ")
     ours, theirs = module.net.state_dict(), bundled.net.state_dict()
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_type_balance_gives_rare_image_types_more_crops():
+    from nucleiseg.training import EpochSampler, crops_per_item
+
+    rng = np.random.default_rng(0)
+    fluorescence = np.repeat(rng.uniform(0, 0.2, (32, 32, 1)), 3, axis=2)  # grey on dark
+    brightfield = np.repeat(rng.uniform(0.7, 1.0, (32, 32, 1)), 3, axis=2)  # grey on bright
+    histology = rng.uniform(0, 1, (32, 32, 3))  # coloured
+    items = [("f", fluorescence, None)] * 16 + [("b", brightfield, None)] + [("h", histology, None)] * 4
+    assert list(crops_per_item(items, 2)) == [2] * 21  # default: the same for every image
+    counts = crops_per_item(items, 2, type_balance=0.5)
+    assert counts[0] == 2 and counts[16] == 6 and counts[17] == 3  # weights 1/4, 1, 1/2; their mean is 1/3
+    sampler = EpochSampler(len(items), seed=0, counts=counts)
+    drawn = np.bincount([index for _, index, _ in sampler], minlength=len(items))
+    assert np.array_equal(drawn, counts) and len(sampler) == counts.sum()

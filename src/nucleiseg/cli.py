@@ -47,6 +47,9 @@ def _add_train(sub) -> None:
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--crop", type=int, default=256, help="random crop size at native resolution")
     g.add_argument("--crops-per-image", type=int, default=1, help="random crops per training image per epoch")
+    g.add_argument("--type-balance", type=float, default=0.0,
+                   help="> 0: crops per image proportional to (frequency of its type: fluorescence, brightfield, "
+                        "histology) ** -VALUE, so rare types are seen more (0.5: inverse square root)")
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--patience", type=int, default=10, help="early stopping patience (epochs)")
     g.add_argument("--boundary-weight", type=float, default=3.0, help="cross-entropy weight of the boundary class")
@@ -129,6 +132,7 @@ def cmd_train(args) -> int:
                           precision=args.precision, patience=args.patience, boundary_weight=args.boundary_weight,
                           dice_weight=args.dice_weight, contact_weight=args.contact_weight,
                           init_model=args.init_model, crops_per_image=args.crops_per_image,
+                          type_balance=args.type_balance,
                           num_workers=args.workers, max_images=args.max_images, thresholds_from=args.thresholds_from,
                           accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,
                           strategy=args.strategy, progress=not args.quiet)

@@ -56,6 +56,7 @@ class TrainConfig:
     contact_weight: float = 0.0  # distance design: extra loss weight where touching nuclei meet
     init_model: str | None = None  # start from this model folder ('default': the bundled one), not ImageNet
     crops_per_image: int = 1
+    type_balance: float = 0.0  # > 0: more crops of rare image types (see crops_per_item)
     num_workers: int = 0
     max_images: int | None = None
     previews: int = 4
@@ -80,23 +81,45 @@ def _this_rank_share(n: int) -> range:
     return range(n)
 
 
+def crops_per_item(items, crops_per_image: int, type_balance: float = 0.0) -> np.ndarray:
+    """Random crops of each training image per epoch: ``crops_per_image`` each, or with ``type_balance``
+    > 0 proportional to (frequency of the image's type) ** -type_balance, scaled to average
+    ``crops_per_image`` before rounding (at least 1 each), so rare image types (brightfield, histology
+    among mostly fluorescence) are seen more often."""
+    counts = np.full(len(items), crops_per_image)
+    if type_balance > 0 and items:
+        from collections import Counter
+
+        from .evaluate import image_type
+
+        types = [image_type(image) for _, image, _ in items]
+        freq = Counter(types)
+        weight = np.array([freq[t] ** -type_balance for t in types])
+        counts = np.maximum(1, np.round(weight / weight.mean() * crops_per_image)).astype(int)
+    return counts
+
+
 class EpochSampler(torch.utils.data.Sampler):
     """Shuffles per (seed, epoch) and yields (epoch, index, draw) keys, so a resumed run sees the same
     crops. Under DDP each rank takes every world-size-th key: together the ranks' batches of a step
-    are exactly the batch a single process of the same total batch size would draw."""
+    are exactly the batch a single process of the same total batch size would draw.
+    ``counts``: crops of each image per epoch (an int: the same for all)."""
 
-    def __init__(self, n: int, seed: int, repeats: int = 1):
-        self.n, self.seed, self.repeats, self.epoch = n, seed, repeats, 0
+    def __init__(self, n: int, seed: int, counts: int | np.ndarray = 1):
+        counts = np.broadcast_to(np.asarray(counts), (n,))
+        # draw r of every image with more than r crops, for r = 0, 1, ...: uniform counts tile 0..n-1
+        self.draws = np.concatenate([np.nonzero(counts > r)[0] for r in range(int(counts.max(initial=0)))] or [[]])
+        self.seed, self.epoch = seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(_this_rank_share(self.n * self.repeats))
+        return len(_this_rank_share(len(self.draws)))
 
     def __iter__(self):
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n * self.repeats)
-        return iter([(self.epoch, int(order[k]) % self.n, int(order[k])) for k in _this_rank_share(len(order))])
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.draws))
+        return iter([(self.epoch, int(self.draws[order[k]]), int(order[k])) for k in _this_rank_share(len(order))])
 
 
 class ShardSampler(torch.utils.data.Sampler):
@@ -284,7 +307,8 @@ class HistoryCallback(L.Callback):
 
 def _loaders(cfg: TrainConfig, train_items, val_items, design: str):
     train_ds = TrainDataset(train_items, design, cfg.crop, cfg.seed)
-    sampler = EpochSampler(len(train_ds), cfg.seed, cfg.crops_per_image)
+    counts = crops_per_item(train_items, cfg.crops_per_image, cfg.type_balance)
+    sampler = EpochSampler(len(train_ds), cfg.seed, counts)
     train = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                                         num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
     val = None
