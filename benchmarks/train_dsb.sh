@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Benchmark + default-model recipe: compare target designs on the fixed 80:20 DSB split at equal epochs,
 # train the better design longer on the split (validation figures, tuned thresholds), then train it on all
-# fixed labels with those thresholds; then fine-tune both (stage 2, below): the default model is
-# runs/ft-final-plain. Writes runs/ and logs.
+# fixed labels with those thresholds (the default model, runs/final-distance-24); then stage 2 (below):
+# fine-tuning variants compared on the split. Writes runs/ and logs.
 # Usage: benchmarks/train_dsb.sh [DATA] [WEIGHTS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,21 +43,18 @@ if [ ! -f $final/model/weights.safetensors ]; then
 fi
 # Stage 2 (fine-tuning): until nucleiseg 52f9ea6 the per-epoch preview left the network in eval mode,
 # so the stage-1 runs above learnt with the decoder's BatchNorm statistics fixed after epoch 0. Fine-tune
-# the stage-1 models with the fixed code at half the learning rate; the contact-weight variant was
-# compared on the split for CONTACT_EPOCHS epochs (stopped there: behind the plain variant).
+# the stage-1 split model with the fixed code at half the learning rate: plain, with contact weights
+# (stopped after CONTACT_EPOCHS: behind the plain variant), with type balance. None gained on the
+# validation split beyond noise (benchmarks/RESULTS.md), so no stage-2 model was trained on all images.
 FT_EPOCHS=${FT_EPOCHS:-16}
 CONTACT_EPOCHS=${CONTACT_EPOCHS:-8}
-for variant in plain:0:$FT_EPOCHS contact5:5:$CONTACT_EPOCHS; do
-  IFS=: read -r name weight epochs <<< "$variant"
+for variant in plain:$FT_EPOCHS:"--contact-weight 0" contact5:$CONTACT_EPOCHS:"--contact-weight 5" \
+               types:$FT_EPOCHS:"--type-balance 0.5"; do
+  IFS=: read -r name epochs extra <<< "$variant"
   ft=runs/ft-split-$name
   if [ ! -f $ft/model/metrics.json ]; then
+    # shellcheck disable=SC2086  # $extra is two words on purpose
     /usr/bin/time -v $NS train --data "$DATA" --out $ft --init-model $long/model --epochs $epochs --lr 5e-4 \
-      --crops-per-image 2 --contact-weight $weight --quiet 2> $ft.time
+      --crops-per-image 2 $extra --quiet 2> $ft.time
   fi
 done
-$NS evaluate --model runs/ft-split-plain/model --data "$DATA" --subset val -o runs/eval-ft-split-plain --quiet
-if [ ! -f runs/ft-final-plain/model/weights.safetensors ]; then
-  /usr/bin/time -v $NS train --data "$DATA" --out runs/ft-final-plain --init-model $final/model --epochs $FT_EPOCHS \
-    --lr 5e-4 --crops-per-image 2 --val-fraction 0 --thresholds-from runs/ft-split-plain/model \
-    --quiet 2> runs/ft-final-plain.time
-fi
