@@ -184,10 +184,10 @@ class SegmentationModule(L.LightningModule):
         """Initialise from a trained model folder (fine-tuning) or the encoder from ImageNet weights."""
         if self.cfg.init_model:
             source = Model.load(None if self.cfg.init_model == "default" else self.cfg.init_model)
-            same_arch = json.loads(json.dumps(self.model_config["architecture"])) == source.config["architecture"]
-            if source.design != self.design or not same_arch:
-                raise ValueError(f"{self.cfg.init_model}: its design/architecture differ from this run's "
-                                 f"({source.design} vs {self.design}); fine-tune with the same --design and decoder")
+            ours = json.loads(json.dumps(self.model_config))
+            if source.design != self.design or any(source.config[k] != ours[k] for k in ("architecture", "normalization")):
+                raise ValueError(f"{self.cfg.init_model}: its design, architecture or normalisation differ from this "
+                                 f"run's ({source.design} vs {self.design}); fine-tune with the same --design and decoder")
             self.net.load_state_dict(source.net.state_dict())
             return f"model {self.cfg.init_model}"
         return "encoder " + load_encoder_weights(self.net.encoder, self.cfg.encoder_weights)
