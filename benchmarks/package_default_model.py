@@ -21,8 +21,16 @@ DESCRIPTION = {"distance": "nucleus probability and each nucleus's distance to i
                "semantic": "background / nucleus"}
 
 
+def epochs(config: dict) -> str:
+    """Epochs a model was trained, as 'stage 1 + stage 2' when it was fine-tuned from another model."""
+    tr = config["training"]
+    init = tr.get("init_model")
+    return f"{epochs(Model.load(init).config)} + {tr['epochs_run']}" if init else str(tr["epochs_run"])
+
+
 def training_line(tr: dict, boundary: str, label: str = "Training") -> str:
     contact = f" contact weight {tr['contact_weight']}," if tr.get("contact_weight") else ""
+    contact += f" type balance {tr['type_balance']}," if tr.get("type_balance") else ""
     return (f"- **{label}**: {tr['epochs_run']} epochs of {tr['crops_per_image']} random {tr['crop']}x{tr['crop']} crops "
             f"per image,\n  batch {tr['batch_size']}, Adam lr {tr['lr']},{boundary}{contact} precision {tr['precision']},\n"
             f"  encoder BatchNorm {tr.get('encoder_bn', 'train')}; {tr['wall_time_s'] / 60:.1f} min wall time on a 2-core CPU.")
@@ -61,7 +69,7 @@ instances by marker-controlled watershed with thresholds tuned on validation dat
 ## Validation figures
 
 Measured on the {s['n_images']} validation images of the seeded 80:20 split (seed {split_config['data']['seed']}) with the model
-of the same recipe trained on the other 80% ({split_config['training']['epochs_run']} epochs) — the figures this
+of the same recipe trained on the other 80% ({epochs(split_config)} epochs) — the figures this
 model's recipe earns on images it has not seen.{' The model here was then trained on all images.' if not config['data']['val'] else ''}
 
 | images | n | DSB score | AP@0.5 | F1@0.5 | foreground IoU | pixel accuracy |
