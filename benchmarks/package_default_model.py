@@ -21,18 +21,24 @@ DESCRIPTION = {"distance": "nucleus probability and each nucleus's distance to i
                "semantic": "background / nucleus"}
 
 
+def init_config(config: dict) -> dict | None:
+    """Config of the model this one was fine-tuned from (``--init-model``), or None; weights not read."""
+    init = config["training"].get("init_model")
+    folder = DEFAULT_MODEL_DIR if init == "default" else Path(init) if init else None
+    return json.loads((folder / "config.json").read_text()) if folder else None
+
+
 def epochs(config: dict) -> str:
     """Epochs a model was trained, as 'stage 1 + stage 2' when it was fine-tuned from another model."""
-    tr = config["training"]
-    init = tr.get("init_model")
-    return f"{epochs(Model.load(init).config)} + {tr['epochs_run']}" if init else str(tr["epochs_run"])
+    base = init_config(config)
+    return f"{epochs(base)} + {config['training']['epochs_run']}" if base else str(config["training"]["epochs_run"])
 
 
 def training_line(tr: dict, boundary: str, label: str = "Training") -> str:
-    contact = f" contact weight {tr['contact_weight']}," if tr.get("contact_weight") else ""
-    contact += f" type balance {tr['type_balance']}," if tr.get("type_balance") else ""
+    extras = f" contact weight {tr['contact_weight']}," if tr.get("contact_weight") else ""
+    extras += f" type balance {tr['type_balance']}," if tr.get("type_balance") else ""
     return (f"- **{label}**: {tr['epochs_run']} epochs of {tr['crops_per_image']} random {tr['crop']}x{tr['crop']} crops "
-            f"per image,\n  batch {tr['batch_size']}, Adam lr {tr['lr']},{boundary}{contact} precision {tr['precision']},\n"
+            f"per image,\n  batch {tr['batch_size']}, Adam lr {tr['lr']},{boundary}{extras} precision {tr['precision']},\n"
             f"  encoder BatchNorm {tr.get('encoder_bn', 'train')}; {tr['wall_time_s'] / 60:.1f} min wall time on a 2-core CPU.")
 
 
@@ -99,8 +105,7 @@ def main() -> None:
     args = parser.parse_args()
     model = Model.load(args.final / "model")
     split_model = Model.load(args.validation / "model")
-    init = model.config["training"].get("init_model")
-    base_config = Model.load(init).config if init else None
+    base_config = init_config(model.config)
     evaluation = json.loads(args.evaluation.read_text())
     # current inference defaults (tiling, block size) of this nucleiseg version
     model.config["inference"] = {**model.config["inference"], **make_config(model.design)["inference"]}
