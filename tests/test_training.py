@@ -133,3 +133,32 @@ def test_type_balance_gives_rare_image_types_more_crops():
     sampler = EpochSampler(len(items), seed=0, counts=counts)
     drawn = np.bincount([index for _, index, _ in sampler], minlength=len(items))
     assert np.array_equal(drawn, counts) and len(sampler) == counts.sum()
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "plateau"])
+def test_learning_rate_schedule(schedule):
+    from nucleiseg.model import make_config
+    from nucleiseg.training import SegmentationModule
+
+    cfg = {"data": "", "epochs": 10, "lr": 1e-3, "schedule": schedule, "encoder_weights": "none"}
+    setup = SegmentationModule(make_config("distance"), cfg).configure_optimizers()
+    opt, sched = setup["optimizer"], setup["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step(*([1.0] if schedule == "plateau" else []))  # plateau: a validation loss that never improves
+    if schedule == "cosine":  # anneals smoothly from lr to lr/100 over the run
+        assert lrs[0] == pytest.approx(1e-3) and all(a > b for a, b in zip(lrs, lrs[1:]))
+        assert opt.param_groups[0]["lr"] == pytest.approx(1e-5)
+    else:  # halves only after the validation loss has stalled for a few epochs
+        assert lrs[:4] == [1e-3] * 4 and 5e-4 in lrs and all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_unknown_learning_rate_schedule_is_refused():
+    from nucleiseg.model import make_config
+    from nucleiseg.training import SegmentationModule
+
+    module = SegmentationModule(make_config("distance"), {"data": "", "schedule": "step", "encoder_weights": "none"})
+    with pytest.raises(ValueError, match="schedule"):
+        module.configure_optimizers()

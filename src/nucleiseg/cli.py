@@ -51,6 +51,8 @@ def _add_train(sub) -> None:
                    help="> 0: crops per image proportional to (frequency of its type: fluorescence, brightfield, "
                         "histology) ** -VALUE, so rare types are seen more (0.5: inverse square root)")
     g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--schedule", choices=["plateau", "cosine"], default="plateau",
+                   help="learning rate: halve when validation loss stalls, or anneal (cosine) to lr/100 by the last epoch")
     g.add_argument("--patience", type=int, default=10, help="early stopping patience (epochs)")
     g.add_argument("--boundary-weight", type=float, default=3.0, help="cross-entropy weight of the boundary class")
     g.add_argument("--contact-weight", type=float, default=0.0,
@@ -126,7 +128,8 @@ def cmd_train(args) -> int:
             raise SystemExit("nucleiseg train: --data is required (or --resume RUN)")
         cfg = TrainConfig(data=args.data, out=args.out, design=args.design, labels=args.labels,
                           epochs=args.epochs or TrainConfig.epochs,
-                          batch_size=args.batch_size, crop=args.crop, lr=args.lr, val_fraction=args.val_fraction,
+                          batch_size=args.batch_size, crop=args.crop, lr=args.lr, schedule=args.schedule,
+                          val_fraction=args.val_fraction,
                           seed=args.seed, encoder_weights=args.encoder_weights, freeze_encoder=args.freeze_encoder,
                           encoder_bn=args.encoder_bn,
                           precision=args.precision, patience=args.patience, boundary_weight=args.boundary_weight,

@@ -1,5 +1,5 @@
 """Training on PyTorch Lightning: Adam, cross-entropy (+Dice), accuracy / IoU / DSB score, early stopping,
-ReduceLROnPlateau, checkpoints every epoch, TensorBoard, prediction previews and curves.
+ReduceLROnPlateau or cosine annealing, checkpoints every epoch, TensorBoard, prediction previews and curves.
 
 A run folder holds ``train_config.json``, ``checkpoints/`` (``last.ckpt`` each epoch, ``best.ckpt``),
 ``logs/`` (TensorBoard), ``previews/`` (input | true | predicted PNGs), ``history.csv`` + ``curves.png``,
@@ -43,6 +43,7 @@ class TrainConfig:
     batch_size: int = 8
     crop: int = 256
     lr: float = 1e-3
+    schedule: str = "plateau"  # 'plateau': halve lr when validation loss stalls; 'cosine': anneal to lr/100
     weight_decay: float = 0.0
     val_fraction: float = 0.2
     seed: int = 0
@@ -166,7 +167,7 @@ def _pad(x: torch.Tensor) -> torch.Tensor:
 
 
 class SegmentationModule(L.LightningModule):
-    """The network, its loss and metrics; Adam + ReduceLROnPlateau."""
+    """The network, its loss and metrics; Adam + ReduceLROnPlateau or cosine annealing."""
 
     def __init__(self, model_config: dict, train_config: dict):
         super().__init__()
@@ -233,6 +234,11 @@ class SegmentationModule(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.net.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        if self.cfg.schedule == "cosine":  # settles the weights at the end instead of leaving them noisy
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.cfg.epochs, eta_min=self.cfg.lr / 100)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        if self.cfg.schedule != "plateau":
+            raise ValueError(f"unknown learning-rate schedule {self.cfg.schedule!r}; choose plateau or cosine")
         monitor = "val_loss" if self.cfg.val_fraction > 0 else "train_loss"
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.5, patience=max(2, self.cfg.patience // 3))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": monitor}}
