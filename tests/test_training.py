@@ -135,6 +135,23 @@ def test_type_balance_gives_rare_image_types_more_crops():
     assert np.array_equal(drawn, counts) and len(sampler) == counts.sum()
 
 
+def test_cosine_run_keeps_its_last_annealed_weights(trained, tmp_path):
+    import csv
+
+    import torch
+
+    model_dir, run = trained
+    cfg = TrainConfig(data=json.loads((run / "train_config.json").read_text())["data"], out=str(tmp_path / "cos"),
+                      design="contour", epochs=3, batch_size=8, crop=96, lr=1e-3, schedule="cosine",
+                      encoder_weights="none", init_model=str(model_dir), progress=False, previews=0)
+    saved = Model.load(train(cfg)).net.state_dict()
+    lrs = [float(row["lr"]) for row in csv.DictReader(open(tmp_path / "cos" / "history.csv"))]
+    assert lrs[0] > lrs[1] > lrs[2] >= 1e-5
+    last = torch.load(tmp_path / "cos" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    weights = {k[len("net."):]: v for k, v in last["state_dict"].items() if k.startswith("net.")}
+    assert all(torch.equal(saved[k], weights[k]) for k in saved)
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "plateau"])
 def test_learning_rate_schedule(schedule):
     from nucleiseg.model import make_config

@@ -390,7 +390,9 @@ def train(cfg: TrainConfig, resume: bool = False, epochs: int | None = None) -> 
     if not trainer.is_global_zero:
         return run_dir / "model"
     best = ckpt_dir / "best.ckpt"
-    state = torch.load(best if best.exists() else last, map_location="cpu", weights_only=True)["state_dict"]
+    # the best epoch by validation; with a cosine schedule the last, annealed one (the point of annealing)
+    chosen = best if best.exists() and cfg.schedule != "cosine" else last
+    state = torch.load(chosen, map_location="cpu", weights_only=True)["state_dict"]
     module.net.load_state_dict({k[len("net."):]: v for k, v in state.items() if k.startswith("net.")})
     model_config["training"]["epochs_run"] = trainer.current_epoch
     model_config["training"]["wall_time_s"] = round(history.elapsed(), 1)  # summed over resumes
