@@ -142,5 +142,5 @@ def test_large_lazy_image_blockwise_matches_in_memory(tmp_path):
     n = int(blockwise.max())
     assert n > 100 and len(np.unique(blockwise)) == n + 1  # unique labels 1..N
     m = matching(in_memory, blockwise, 0.5)
-    assert m["f1"] > 0.98, m
-    assert m["mean_matched_iou"] > 0.95, m
+    assert m["f1"] > 0.995, m  # blocks and tiles on the whole image's stride grid: measured 0.9999
+    assert m["mean_matched_iou"] > 0.99, m

@@ -2,7 +2,8 @@
 
 Every nucleus is *owned* by the block that holds its centroid: that block writes it whole (it may
 reach into a neighbour's block, thanks to the halo), the others drop it. Blocks see ``halo`` pixels of
-context on each side, so a nucleus near a block border is segmented as in the whole image; labels
+context on each side, so a nucleus near a block border is segmented as in the whole image (block and
+halo are rounded up to multiples of the network's stride, so blocks see the whole image's grid); labels
 are numbered 1..N in block order. The output can be a NumPy array or a Zarr array on disk.
 """
 from __future__ import annotations
@@ -50,11 +51,14 @@ def segment_blocks(model, array, out, block: int = 2048, halo: int = 128, scale:
     """
     from tqdm.auto import tqdm
 
+    from .network import STRIDE
     from .transforms import intensity_scale
 
     h, w = array.shape[:2]
     if scale is None:
         scale = intensity_scale(array, model.config["normalization"])
+    # windows start at multiples of the network's stride: the whole image's downsampling grid
+    block, halo = (-(-v // STRIDE) * STRIDE for v in (block, halo))
     cores = block_grid(h, w, block)
     if client is not None:
         model_future = client.scatter(model, broadcast=True)

@@ -85,15 +85,21 @@ def _ramp(n: int, overlap: int) -> np.ndarray:
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> tuple[list[int], int]:
-    """The fewest equal tiles of at most ``tile`` pixels (a multiple of the stride) covering ``size``
-    with at least ``overlap`` shared between neighbours: (start offsets, tile length)."""
+    """The fewest tiles of at most ``tile`` pixels (a multiple of the stride) covering ``size`` with
+    about ``overlap`` shared between neighbours: (start offsets, tile length; the last tile may be cut
+    short by the image's end). Starts are multiples of the network's stride, so every tile sees the
+    image on the same downsampling grid as one whole-image pass (and as a block starting at a multiple
+    of the stride): shifting the grid by a few pixels changes the network's output."""
     if size <= tile:
         return [0], size
     n = int(np.ceil((size - overlap) / (tile - overlap)))
     length = int(np.ceil((size + (n - 1) * overlap) / n))
     length = min(tile, length + (-length) % STRIDE)
-    starts = np.linspace(0, size - length, n).round().astype(int)
-    return sorted(set(starts.tolist())), length
+    step = (length - overlap) // STRIDE * STRIDE
+    if int(np.ceil((size - length) / step)) + 1 > n:  # the aligned step needs one more tile: use full tiles
+        length, step = tile, (tile - overlap) // STRIDE * STRIDE
+    n = int(np.ceil((size - length) / step)) + 1
+    return [k * step for k in range(n)], length
 
 
 def predict_maps(runner: Runner, image: np.ndarray, tile_size: int = TILE_SIZE, overlap: int = TILE_OVERLAP,
