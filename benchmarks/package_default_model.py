@@ -37,8 +37,9 @@ def epochs(config: dict) -> str:
 def training_line(tr: dict, boundary: str, label: str = "Training") -> str:
     extras = f" contact weight {tr['contact_weight']}," if tr.get("contact_weight") else ""
     extras += f" type balance {tr['type_balance']}," if tr.get("type_balance") else ""
+    schedule = " annealed (cosine) to lr/100" if tr.get("schedule") == "cosine" else ""
     return (f"- **{label}**: {tr['epochs_run']} epochs of {tr['crops_per_image']} random {tr['crop']}x{tr['crop']} crops "
-            f"per image,\n  batch {tr['batch_size']}, Adam lr {tr['lr']},{boundary}{extras} precision {tr['precision']},\n"
+            f"per image,\n  batch {tr['batch_size']}, Adam lr {tr['lr']}{schedule},{boundary}{extras} precision {tr['precision']},\n"
             f"  encoder BatchNorm {tr.get('encoder_bn', 'train')}; {tr['wall_time_s'] / 60:.1f} min wall time on a 2-core CPU.")
 
 
