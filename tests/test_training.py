@@ -150,6 +150,8 @@ def test_cosine_run_keeps_its_last_annealed_weights(trained, tmp_path):
     last = torch.load(tmp_path / "cos" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     weights = {k[len("net."):]: v for k, v in last["state_dict"].items() if k.startswith("net.")}
     assert all(torch.equal(saved[k], weights[k]) for k in saved)
+    with pytest.raises(ValueError, match="cannot be extended"):  # the cosine would climb back up
+        train(TrainConfig(data="", out=str(tmp_path / "cos"), progress=False), resume=True, epochs=6)
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "plateau"])
@@ -173,9 +175,5 @@ def test_learning_rate_schedule(schedule):
 
 
 def test_unknown_learning_rate_schedule_is_refused():
-    from nucleiseg.model import make_config
-    from nucleiseg.training import SegmentationModule
-
-    module = SegmentationModule(make_config("distance"), {"data": "", "schedule": "step", "encoder_weights": "none"})
-    with pytest.raises(ValueError, match="schedule"):
-        module.configure_optimizers()
+    with pytest.raises(ValueError, match="schedule"):  # at once, before any image is read
+        TrainConfig(data="", schedule="step")

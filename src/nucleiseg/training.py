@@ -69,6 +69,10 @@ class TrainConfig:
     progress: bool = True
     decoder_channels: list = field(default_factory=lambda: [96, 64, 48, 32, 16])
 
+    def __post_init__(self) -> None:
+        if self.schedule not in ("plateau", "cosine"):
+            raise ValueError(f"unknown learning-rate schedule {self.schedule!r}; choose plateau or cosine")
+
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         names = {f.name for f in fields(cls)}
@@ -237,8 +241,6 @@ class SegmentationModule(L.LightningModule):
         if self.cfg.schedule == "cosine":  # settles the weights at the end instead of leaving them noisy
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.cfg.epochs, eta_min=self.cfg.lr / 100)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
-        if self.cfg.schedule != "plateau":
-            raise ValueError(f"unknown learning-rate schedule {self.cfg.schedule!r}; choose plateau or cosine")
         monitor = "val_loss" if self.cfg.val_fraction > 0 else "train_loss"
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.5, patience=max(2, self.cfg.patience // 3))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": monitor}}
@@ -333,6 +335,11 @@ def train(cfg: TrainConfig, resume: bool = False, epochs: int | None = None) -> 
     run_dir = Path(cfg.out)
     if resume:
         saved = json.loads((run_dir / "train_config.json").read_text())
+        if saved.get("schedule") == "cosine" and epochs and epochs != saved["epochs"]:
+            # its scheduler (restored from the checkpoint) has annealed over the planned epochs; past
+            # them the cosine would climb back to the full learning rate
+            raise ValueError(f"{run_dir}: a cosine-schedule run cannot be extended to {epochs} epochs; "
+                             f"fine-tune its model instead (--init-model {run_dir / 'model'})")
         cfg = TrainConfig.from_dict({**saved, "progress": cfg.progress, "epochs": epochs or saved["epochs"]})
     elif (run_dir / "checkpoints" / "last.ckpt").exists():
         raise FileExistsError(f"{run_dir}: holds an earlier run; use --resume to continue it or choose another --out")
