@@ -20,9 +20,9 @@ def two_touching_discs():
 def perfect_maps(labels, design):
     """Probability maps a perfect network would output for ``labels``."""
     t = encode(labels, design)
-    if design == "distance":
+    if design in ("distance", "contact"):
         fg = t[0]
-        return np.stack([1 - fg, fg, t[1]])
+        return np.stack([1 - fg, fg, t[1]] + ([t[2]] if design == "contact" else []))
     classes = t[0].astype(int)
     return np.eye(n_channels(design), dtype=np.float32)[classes].transpose(2, 0, 1)
 
@@ -46,7 +46,7 @@ def test_distance_target_is_normalised_per_object():
         assert d[lab == k].max() == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("design", ["contour", "distance"])
+@pytest.mark.parametrize("design", ["contour", "distance", "contact"])
 def test_perfect_maps_separate_touching_nuclei(design):
     lab = two_touching_discs()
     pred = instances(perfect_maps(lab, design), design, {"min_size": 5})
@@ -60,7 +60,7 @@ def test_semantic_merges_touching_nuclei():
     assert pred.max() == 1  # the baseline this project goes beyond
 
 
-@pytest.mark.parametrize("design", ["contour", "distance"])
+@pytest.mark.parametrize("design", ["contour", "distance", "contact"])
 def test_perfect_maps_on_synthetic_crowd(design):
     _, lab = nuclei_image((192, 192), n=40, seed=3, touching=0.5)
     pred = instances(perfect_maps(lab, design), design, {"min_size": 5})
@@ -115,7 +115,7 @@ def test_holes_inside_one_nucleus_are_filled_but_not_between_nuclei():
     assert pred[15, 15] == 1  # the hole is filled
 
 
-@pytest.mark.parametrize("design", ["semantic", "contour", "distance"])
+@pytest.mark.parametrize("design", ["semantic", "contour", "distance", "contact"])
 def test_loss_decreases_towards_targets(design):
     lab = two_touching_discs()
     target = torch.from_numpy(encode(lab, design))[None]
@@ -161,3 +161,42 @@ def test_contact_weight_counts_errors_where_nuclei_meet_more():
     logits = torch.stack([-3 * sign, 3 * sign, 6 * (2 * target[0, 1] - 1)])[None]
     assert loss(logits, target, "distance", contact_weight=5.0).item() == pytest.approx(
         loss(logits, target, "distance").item(), rel=0.1)
+
+
+def merged_peak_maps(contact_probability: float) -> np.ndarray:
+    """Contact-design maps of two touching discs whose distance map has one merged peak (a blurred
+    distance, as a network gives for nuclei it cannot tell apart), with the contact channel at
+    ``contact_probability`` on the band where the discs meet."""
+    lab = two_touching_discs()
+    fg = (lab > 0).astype(np.float32)
+    yy, xx = np.mgrid[0:40, 0:60].astype(np.float32)
+    seed = fg * np.exp(-((yy - 20) ** 2 + (xx - 29.5) ** 2) / (2 * 12.0 ** 2))  # one peak, on the contact
+    contact = contact_map(lab) * contact_probability
+    return np.stack([1 - fg, fg, seed, contact]).astype(np.float32)
+
+
+def test_predicted_contacts_split_nuclei_that_share_one_distance_peak():
+    lab = two_touching_discs()
+    t = {"mask": 0.5, "marker": 0.3, "min_size": 5, "peak_h": 0.1, "contact": 0.5}
+    maps = merged_peak_maps(contact_probability=0.9)
+    assert instances(maps[:3], "distance", t).max() == 1  # the distance design alone merges them
+    pred = instances(maps, "contact", t)
+    assert pred.max() == 2 and dsb_score(lab, pred) > 0.7
+    # a contact probability below the threshold cuts nothing; the watershed still fills the whole mask
+    weak = instances(merged_peak_maps(contact_probability=0.3), "contact", t)
+    assert weak.max() == 1 and (weak > 0).sum() == (lab > 0).sum()
+    assert instances(maps, "contact", {**t, "peak_h": 0.0}).max() == 2  # also with plain thresholded seeds
+
+
+def test_contact_loss_scores_the_contact_channel():
+    lab = two_touching_discs()
+    target = torch.from_numpy(encode(lab, "contact"))[None]
+    right = torch.stack([-6 * (2 * target[0, 0] - 1), 6 * (2 * target[0, 0] - 1),
+                         6 * (2 * target[0, 1] - 1), 6 * (2 * target[0, 2] - 1)])[None]
+    wrong = right.clone()
+    wrong[:, 3] = -wrong[:, 3]  # only the contact channel is wrong
+    assert loss(wrong, target, "contact").item() > loss(right, target, "contact").item() + 3
+    # the first three channels are scored exactly as the distance design scores them
+    assert loss(right[:, :3], target, "distance").item() == pytest.approx(
+        loss(right, target, "contact").item() - torch.nn.functional.binary_cross_entropy_with_logits(
+            right[0, 3], target[0, 2]).item(), abs=1e-5)

@@ -119,6 +119,34 @@ def test_fine_tuning_from_the_bundled_model_loads_its_weights():
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
+def test_a_distance_model_starts_a_contact_model_with_its_outputs_unchanged(tmp_path):
+    import torch
+
+    from nucleiseg.model import make_config
+    from nucleiseg.targets import probabilities
+    from nucleiseg.training import SegmentationModule
+
+    bundled = Model.load()
+    assert bundled.design == "distance"
+    module = SegmentationModule(make_config("contact"), {"data": "", "init_model": "default"})
+    assert module.init_weights().endswith("(+ a new contact channel)")
+    image, _ = nuclei_image((64, 64), n=4, seed=5)
+    x = torch.from_numpy(image.astype(np.float32) / image.max()).expand(1, 3, 64, 64)
+    with torch.no_grad():
+        ours = probabilities(module.net.eval()(x), "contact")
+        theirs = probabilities(bundled.net(x), "distance")
+    assert ours.shape[1] == 4 and torch.allclose(ours[:, :3], theirs, atol=1e-6)
+    assert torch.allclose(ours[:, 3], torch.full_like(ours[:, 3], 0.05), atol=1e-6)  # the new channel's prior
+    # the other way round (a contact model into a distance run) is refused
+    contact_dir = Model(module.net, make_config("contact"), bundled.thresholds).save(tmp_path / "contact")
+    # with a contact channel that marks nothing yet, the contact model segments as its distance parent
+    reloaded = Model.load(contact_dir)
+    assert np.array_equal(reloaded.predict(image), bundled.predict(image))
+    back = SegmentationModule(make_config("distance"), {"data": "", "init_model": str(contact_dir)})
+    with pytest.raises(ValueError, match="design"):
+        back.init_weights()
+
+
 def test_type_balance_gives_rare_image_types_more_crops():
     from nucleiseg.training import EpochSampler, crops_per_item
 

@@ -33,8 +33,9 @@ def _add_train(sub) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed for the split and the augmentation")
     g.add_argument("--max-images", type=int, default=None, help="use only the first N images (quick runs)")
     g = p.add_argument_group("model")
-    g.add_argument("--design", default="distance", choices=["semantic", "contour", "distance"],
-                   help="training targets: distance (mask + distance to border; default), contour (interior/boundary), semantic mask")
+    g.add_argument("--design", default="distance", choices=["semantic", "contour", "distance", "contact"],
+                   help="training targets: distance (mask + distance to border; default), contact (distance + where "
+                        "touching nuclei meet), contour (interior/boundary), semantic mask")
     g.add_argument("--encoder-weights", default="imagenet",
                    help="'imagenet' (download torchvision's checkpoint), a .safetensors/.pth file, or 'none'")
     g.add_argument("--freeze-encoder", action="store_true", help="keep the pretrained encoder fixed")
@@ -56,7 +57,7 @@ def _add_train(sub) -> None:
     g.add_argument("--patience", type=int, default=10, help="early stopping patience (epochs)")
     g.add_argument("--boundary-weight", type=float, default=3.0, help="cross-entropy weight of the boundary class")
     g.add_argument("--contact-weight", type=float, default=0.0,
-                   help="distance design: extra loss weight where touching nuclei meet (0 = off)")
+                   help="distance designs: extra loss weight where touching nuclei meet (0 = off)")
     g.add_argument("--init-model", default=None, metavar="MODEL",
                    help="fine-tune: start from this model folder's weights ('default': the bundled model) "
                         "instead of ImageNet")

@@ -31,7 +31,8 @@ FORMAT_VERSION = 1
 ARCHITECTURE = "unet-mobilenetv2"
 DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"
 CLASS_NAMES = {"semantic": ["background", "nucleus"], "contour": ["background", "interior", "boundary"],
-               "distance": ["background", "nucleus", "distance"]}
+               "distance": ["background", "nucleus", "distance"],
+               "contact": ["background", "nucleus", "distance", "contact"]}
 
 
 class ModelError(ValueError):

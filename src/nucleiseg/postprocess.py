@@ -4,7 +4,10 @@ Thresholds are a plain dict (saved per model as ``thresholds.json``, tuned on va
 ``mask`` (nucleus probability), ``marker`` (interior probability or normalised distance that seeds
 one nucleus), ``min_size`` (smallest nucleus kept, pixels), ``peak_h`` (0: every connected region above
 ``marker`` seeds one nucleus; > 0: every peak of the lightly smoothed seed map that rises at least
-``peak_h`` above the saddle to a higher peak does, so two nuclei joined by a high saddle are still split).
+``peak_h`` above the saddle to a higher peak does, so two nuclei joined by a high saddle are still split),
+``contact`` (contact design: pixels whose contact probability exceeds it seed no nucleus, which cuts
+the seed regions where touching nuclei meet; the watershed then floods the seed map times
+(1 - contact probability), so borders between nuclei follow the predicted contacts).
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from skimage.measure import label as connected_components
 from skimage.morphology import h_maxima
 from skimage.segmentation import relabel_sequential, watershed
 
-DEFAULT_THRESHOLDS = {"mask": 0.5, "marker": 0.5, "min_size": 15, "peak_h": 0.0}
+DEFAULT_THRESHOLDS = {"mask": 0.5, "marker": 0.5, "min_size": 15, "peak_h": 0.0, "contact": 0.5}
 SEED_SMOOTHING = 1.0  # sigma (pixels) of the Gaussian applied to the seed map before finding peaks
 
 
@@ -40,18 +43,21 @@ def instances(maps: np.ndarray, design: str, thresholds: dict | None = None) -> 
         return remove_small(labels, int(t["min_size"])).astype(np.int32)
     if design == "contour":
         seed_map = maps[1]  # interior probability: high in nucleus centres, low on shared borders
-    elif design == "distance":
+    elif design in ("distance", "contact"):
         seed_map = maps[2]
     else:
         raise ValueError(f"unknown target design {design!r}")
+    seed_region = mask & (maps[3] <= t["contact"]) if design == "contact" else mask
     if t["peak_h"] > 0:
         seed_map = ndi.gaussian_filter(seed_map.astype(np.float32), SEED_SMOOTHING)
-        markers = peak_markers(seed_map, mask, t["peak_h"], t["marker"])
+        markers = peak_markers(seed_map, seed_region, t["peak_h"], t["marker"])
     else:
-        markers = connected_components((seed_map > t["marker"]) & mask, connectivity=1)
+        markers = connected_components((seed_map > t["marker"]) & seed_region, connectivity=1)
         # seeds below a quarter of the minimum size are noise: they would only split a nucleus
         markers = remove_small(markers, max(1, int(t["min_size"]) // 4))
-    labels = watershed(-seed_map, markers, mask=mask).astype(np.int32)
+    # contact design: flood a surface that dips where nuclei meet, so the split follows the contact
+    surface = seed_map * (1.0 - maps[3]) if design == "contact" else seed_map
+    labels = watershed(-surface, markers, mask=mask).astype(np.int32)
     # nuclei with no seed of their own (faint or tiny ones) are kept as their connected component
     orphans = connected_components(mask & (labels == 0), connectivity=1)
     if orphans.max() > 0:

@@ -9,6 +9,9 @@ that :mod:`nucleiseg.postprocess` converts back into instances.
 - ``distance``: background / nucleus + each nucleus's normalised distance to its border; watershed
   from distance peaks. Its targets also carry a *contact* map (pixels near two different nuclei) that
   the loss can up-weight, so the network learns to mark where touching nuclei meet.
+- ``contact``: the distance design plus a fourth channel predicting that contact map; post-processing
+  cuts the seed regions along predicted contacts, so touching nuclei with one merged distance peak
+  still get one seed each (the DSB2018 winners' mask + separation-border idea).
 """
 from __future__ import annotations
 
@@ -18,12 +21,12 @@ import torch.nn.functional as F
 from scipy import ndimage as ndi
 from skimage.segmentation import find_boundaries
 
-DESIGNS = ("semantic", "contour", "distance")
+DESIGNS = ("semantic", "contour", "distance", "contact")
 
 
 def n_channels(design: str) -> int:
     """Network output channels needed by a target design."""
-    return {"semantic": 2, "contour": 3, "distance": 3}[_check(design)]
+    return {"semantic": 2, "contour": 3, "distance": 3, "contact": 4}[_check(design)]
 
 
 def _check(design: str) -> str:
@@ -78,8 +81,9 @@ def loss(logits: torch.Tensor, target: torch.Tensor, design: str, boundary_weigh
          dice_weight: float = 0.0, contact_weight: float = 0.0) -> torch.Tensor:
     """Cross-entropy (class-weighted for boundaries) + optional Dice on foreground, + distance BCE.
 
-    ``contact_weight`` (distance design): pixels of the contact map count ``1 + contact_weight`` times
+    ``contact_weight`` (distance designs): pixels of the contact map count ``1 + contact_weight`` times
     in the cross-entropy and the distance loss (like U-Net's border weights for touching cells).
+    The contact design adds a binary cross-entropy of its contact channel against the contact map.
     """
     design = _check(design)
     logits = logits.float()
@@ -88,7 +92,8 @@ def loss(logits: torch.Tensor, target: torch.Tensor, design: str, boundary_weigh
     weight = None
     if design == "contour":
         weight = torch.tensor([1.0, 1.0, boundary_weight], device=logits.device)
-    pixel_weight = 1.0 + contact_weight * target[:, 2] if design == "distance" and contact_weight > 0 else None
+    with_distance = design in ("distance", "contact")
+    pixel_weight = 1.0 + contact_weight * target[:, 2] if with_distance and contact_weight > 0 else None
     if pixel_weight is None:
         total = F.cross_entropy(logits[:, :n_cls], classes, weight=weight)
     else:
@@ -99,16 +104,18 @@ def loss(logits: torch.Tensor, target: torch.Tensor, design: str, boundary_weigh
         inter = (fg * true_fg).sum()
         dice = (2 * inter + 1) / (fg.sum() + true_fg.sum() + 1)
         total = total + dice_weight * (1 - dice)
-    if design == "distance":
+    if with_distance:
         total = total + F.binary_cross_entropy_with_logits(logits[:, 2], target[:, 1], weight=pixel_weight)
+    if design == "contact":
+        total = total + F.binary_cross_entropy_with_logits(logits[:, 3], target[:, 2])
     return total
 
 
 def probabilities(logits: torch.Tensor, design: str) -> torch.Tensor:
     """Logits (N, C, H, W) -> probability maps (N, C, H, W) that post-processing reads."""
     design = _check(design)
-    if design == "distance":
-        return torch.cat([torch.softmax(logits[:, :2], dim=1), torch.sigmoid(logits[:, 2:3])], dim=1)
+    if design in ("distance", "contact"):
+        return torch.cat([torch.softmax(logits[:, :2], dim=1), torch.sigmoid(logits[:, 2:])], dim=1)
     return torch.softmax(logits, dim=1)
 
 

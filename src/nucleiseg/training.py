@@ -170,6 +170,16 @@ def _pad(x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, (0, pw, 0, ph), mode=mode)
 
 
+def add_contact_channel(state: dict[str, torch.Tensor], prior: float = 0.05) -> dict[str, torch.Tensor]:
+    """A distance model's weights with a fourth (contact) output added to its head, so a contact model
+    can start from it: the first three outputs are unchanged, the new one starts at ``prior`` everywhere."""
+    state = dict(state)
+    weight, bias = state["head.weight"], state["head.bias"]
+    state["head.weight"] = torch.cat([weight, torch.zeros_like(weight[:1])])
+    state["head.bias"] = torch.cat([bias, torch.full_like(bias[:1], float(np.log(prior / (1 - prior))))])
+    return state
+
+
 class SegmentationModule(L.LightningModule):
     """The network, its loss and metrics; Adam + ReduceLROnPlateau or cosine annealing."""
 
@@ -190,11 +200,18 @@ class SegmentationModule(L.LightningModule):
         if self.cfg.init_model:
             source = Model.load(None if self.cfg.init_model == "default" else self.cfg.init_model)
             ours = json.loads(json.dumps(self.model_config))
-            if source.design != self.design or any(source.config[k] != ours[k] for k in ("architecture", "normalization")):
+            widen = source.design == "distance" and self.design == "contact"
+            body = lambda arch: {k: v for k, v in arch.items() if k != "out_channels"}  # noqa: E731
+            if ((source.design != self.design and not widen) or source.config["normalization"] != ours["normalization"]
+                    or body(source.config["architecture"]) != body(ours["architecture"])):
                 raise ValueError(f"{self.cfg.init_model}: its design, architecture or normalisation differ from this "
-                                 f"run's ({source.design} vs {self.design}); fine-tune with the same --design and decoder")
-            self.net.load_state_dict(source.net.state_dict())
-            return f"model {self.cfg.init_model}"
+                                 f"run's ({source.design} vs {self.design}); fine-tune with the same --design and decoder "
+                                 "(or a distance model into --design contact)")
+            state = source.net.state_dict()
+            if widen:
+                state = add_contact_channel(state)
+            self.net.load_state_dict(state)
+            return f"model {self.cfg.init_model}" + (" (+ a new contact channel)" if widen else "")
         return "encoder " + load_encoder_weights(self.net.encoder, self.cfg.encoder_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
