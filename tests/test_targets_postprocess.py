@@ -200,3 +200,13 @@ def test_contact_loss_scores_the_contact_channel():
     assert loss(right[:, :3], target, "distance").item() == pytest.approx(
         loss(right, target, "contact").item() - torch.nn.functional.binary_cross_entropy_with_logits(
             right[0, 3], target[0, 2]).item(), abs=1e-5)
+
+
+def test_contact_pos_weight_counts_missed_contacts_more():
+    lab = two_touching_discs()
+    target = torch.from_numpy(encode(lab, "contact"))[None]
+    logits = torch.stack([-6 * (2 * target[0, 0] - 1), 6 * (2 * target[0, 0] - 1),
+                          6 * (2 * target[0, 1] - 1), torch.full_like(target[0, 2], -6.0)])[None]  # no contact anywhere
+    missed = torch.nn.functional.softplus(torch.tensor(6.0)).item() * target[0, 2].mean().item()  # BCE of the misses
+    plain, weighted = (loss(logits, target, "contact", contact_pos_weight=w).item() for w in (1.0, 20.0))
+    assert weighted - plain == pytest.approx(19 * missed, rel=1e-3)

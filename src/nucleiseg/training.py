@@ -54,7 +54,8 @@ class TrainConfig:
     patience: int = 10
     boundary_weight: float = 3.0
     dice_weight: float = 0.0
-    contact_weight: float = 0.0  # distance design: extra loss weight where touching nuclei meet
+    contact_weight: float = 0.0  # distance designs: extra loss weight where touching nuclei meet
+    contact_pos_weight: float = 1.0  # contact design: weight of contact pixels in its contact channel's loss
     init_model: str | None = None  # start from this model folder ('default': the bundled one), not ImageNet
     crops_per_image: int = 1
     type_balance: float = 0.0  # > 0: more crops of rare image types (see crops_per_item)
@@ -228,7 +229,7 @@ class SegmentationModule(L.LightningModule):
         x, y = batch
         logits = self(x)
         loss = target_loss(logits, y, self.design, self.cfg.boundary_weight, self.cfg.dice_weight,
-                           self.cfg.contact_weight)
+                           self.cfg.contact_weight, self.cfg.contact_pos_weight)
         stats = self._pixel_stats(logits.detach(), y)
         bs = x.shape[0]
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
@@ -241,7 +242,7 @@ class SegmentationModule(L.LightningModule):
         h, w = x.shape[-2:]
         logits = self(_pad(x))[..., :h, :w]
         loss = target_loss(logits, y, self.design, self.cfg.boundary_weight, self.cfg.dice_weight,
-                           self.cfg.contact_weight)
+                           self.cfg.contact_weight, self.cfg.contact_pos_weight)
         stats = self._pixel_stats(logits, y)
         maps = probabilities(logits.float(), self.design)[0].cpu().numpy()
         from .metrics import dsb_score
