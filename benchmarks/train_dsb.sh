@@ -79,3 +79,14 @@ if [ ! -f runs/ft-final-cosine/model/weights.safetensors ]; then
     --lr 5e-4 --schedule cosine --crops-per-image 2 --type-balance 0.5 --val-fraction 0 \
     --thresholds-from runs/ft-split-cosine/model --quiet 2> runs/ft-final-cosine.time
 fi
+# Stage 4 (measured, not adopted): the contact design, same fine-tuning on the split, contact pixels
+# weighted 1 and 20 times in its contact channel's loss; and what perfect parts would add (oracles).
+.venv/bin/python benchmarks/error_oracles.py --model runs/ft-split-cosine/model --data "$DATA"
+for pw in 1 20; do
+  run=runs/ft-split-contact$([ $pw = 1 ] || echo -pw$pw)
+  if [ ! -f $run/model/metrics.json ]; then
+    /usr/bin/time -v $NS train --data "$DATA" --out $run --design contact --contact-pos-weight $pw --init-model $long/model \
+      --epochs $FT_EPOCHS --lr 5e-4 --schedule cosine --crops-per-image 2 --type-balance 0.5 --quiet 2> $run.time
+  fi
+  $NS evaluate --model $run/model --data "$DATA" --subset val -o runs/eval-${run#runs/} --quiet
+done

@@ -43,7 +43,7 @@ def tune_thresholds(maps: list[np.ndarray], labels: list[np.ndarray], design: st
     best = {**DEFAULT_THRESHOLDS, **{k: v for k, v in (start or {}).items() if k in DEFAULT_THRESHOLDS}}
     grid = {"mask": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8], "marker": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
             "min_size": [0, 5, 10, 15, 25, 40], "peak_h": [0.0, 0.1, 0.2, 0.3],
-            "contact": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]}
+            "contact": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]}
     if design != "contact":
         del grid["contact"]
     if design == "semantic":
