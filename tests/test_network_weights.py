@@ -117,3 +117,33 @@ def test_freeze_encoder_keeps_weights_and_bn_fixed():
     opt.step()
     after = net.encoder.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_full_resolution_skip_starts_from_a_model_without_one_unchanged(tmp_path):
+    from nucleiseg.training import add_full_res_skip
+
+    torch.manual_seed(0)
+    plain = UNet(3).eval()
+    for m in plain.modules():  # non-trivial BatchNorm statistics, as in a trained model
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    wide = UNet(3, full_res_channels=8).eval()
+    assert wide.decoder[-1].conv[0].in_channels == plain.decoder[-1].conv[0].in_channels + 8
+    state = plain.state_dict()
+    assert add_full_res_skip(wide, state, source_channels=0)
+    wide.load_state_dict(state)
+    x = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        assert torch.allclose(wide(x), plain(x), atol=1e-5)
+    assert not add_full_res_skip(wide, wide.state_dict(), source_channels=8)  # same architecture: nothing to add
+    with pytest.raises(ValueError, match="full-resolution"):
+        add_full_res_skip(UNet(3, full_res_channels=16), wide.state_dict(), source_channels=8)
+    # the model folder records it and rebuilds the same network
+    config = make_config("distance", full_res_channels=8)
+    assert config["architecture"]["full_res_channels"] == 8
+    assert "full_res_channels" not in make_config("distance")["architecture"]  # older folders stay valid as they are
+    Model(wide, config).save(tmp_path / "m")
+    back = Model.load(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.allclose(back.net(x), wide(x), atol=1e-6)

@@ -58,6 +58,8 @@ def _add_train(sub) -> None:
     g.add_argument("--boundary-weight", type=float, default=3.0, help="cross-entropy weight of the boundary class")
     g.add_argument("--contact-weight", type=float, default=0.0,
                    help="distance designs: extra loss weight where touching nuclei meet (0 = off)")
+    g.add_argument("--full-res-channels", type=int, default=0,
+                   help="channels of an extra full-resolution skip into the last decoder block (0 = none)")
     g.add_argument("--contact-pos-weight", type=float, default=1.0,
                    help="contact design: weight of contact pixels (rare) in the contact channel's loss")
     g.add_argument("--init-model", default=None, metavar="MODEL",
@@ -137,7 +139,7 @@ def cmd_train(args) -> int:
                           encoder_bn=args.encoder_bn,
                           precision=args.precision, patience=args.patience, boundary_weight=args.boundary_weight,
                           dice_weight=args.dice_weight, contact_weight=args.contact_weight,
-                          contact_pos_weight=args.contact_pos_weight,
+                          contact_pos_weight=args.contact_pos_weight, full_res_channels=args.full_res_channels,
                           init_model=args.init_model, crops_per_image=args.crops_per_image,
                           type_balance=args.type_balance,
                           num_workers=args.workers, max_images=args.max_images, thresholds_from=args.thresholds_from,

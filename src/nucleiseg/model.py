@@ -41,9 +41,10 @@ class ModelError(ValueError):
 
 def make_config(design: str, decoder_channels: tuple[int, ...] = (96, 64, 48, 32, 16),
                 normalization: dict | None = None, tile_size: int = TILE_SIZE, tile_overlap: int = TILE_OVERLAP,
-                training: dict | None = None, data: dict | None = None) -> dict:
-    """A complete model config; every setting needed to rebuild the network and its pre-processing."""
-    return {
+                training: dict | None = None, data: dict | None = None, full_res_channels: int = 0) -> dict:
+    """A complete model config; every setting needed to rebuild the network and its pre-processing.
+    ``full_res_channels`` is written only when non-zero (configs without it have no full-resolution skip)."""
+    config = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "nucleiseg_version": __version__,
         "architecture": {"name": ARCHITECTURE, "encoder": "mobilenet_v2", "decoder": "transposed-conv",
                          "decoder_channels": list(decoder_channels), "out_channels": n_channels(design),
@@ -53,6 +54,9 @@ def make_config(design: str, decoder_channels: tuple[int, ...] = (96, 64, 48, 32
         "inference": {"tile_size": tile_size, "tile_overlap": tile_overlap, "block_size": 4096},
         "training": training or {}, "data": data or {},
     }
+    if full_res_channels:
+        config["architecture"]["full_res_channels"] = int(full_res_channels)
+    return config
 
 
 def validate_config(config: dict, where: str = "config.json") -> None:
@@ -74,6 +78,9 @@ def validate_config(config: dict, where: str = "config.json") -> None:
         fail(f"design {design!r} needs {n_channels(design)} output channels, config says {arch.get('out_channels')}")
     if len(arch.get("decoder_channels", [])) != 5:
         fail("architecture.decoder_channels must have 5 entries")
+    full_res = arch.get("full_res_channels", 0)
+    if not (isinstance(full_res, int) and full_res >= 0):
+        fail(f"architecture.full_res_channels must be a whole number >= 0, not {full_res!r}")
     diameter = config.get("nucleus_diameter")
     if diameter is not None and not (isinstance(diameter, (int, float)) and diameter > 0):
         fail(f"nucleus_diameter must be a positive number of pixels, not {diameter!r}")
@@ -82,7 +89,7 @@ def validate_config(config: dict, where: str = "config.json") -> None:
 def build_network(config: dict) -> UNet:
     """An untrained network with the architecture described by ``config``."""
     arch = config["architecture"]
-    return UNet(arch["out_channels"], tuple(arch["decoder_channels"]))
+    return UNet(arch["out_channels"], tuple(arch["decoder_channels"]), arch.get("full_res_channels", 0))
 
 
 class Model:

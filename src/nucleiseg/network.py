@@ -94,14 +94,20 @@ class UNet(nn.Module):
     (fixed buffers), so exported models take the same input as the Python pipeline.
     """
 
-    def __init__(self, out_channels: int, decoder_channels: tuple[int, ...] = (96, 64, 48, 32, 16)):
+    def __init__(self, out_channels: int, decoder_channels: tuple[int, ...] = (96, 64, 48, 32, 16),
+                 full_res_channels: int = 0):
         super().__init__()
         if len(decoder_channels) != 5:
             raise ValueError("decoder_channels needs 5 entries (strides 16, 8, 4, 2, 1)")
+        # optional full-resolution skip: a 3x3 conv of the image feeds the last decoder block, whose
+        # encoder skips otherwise start at stride 2 (for thin borders between small touching nuclei)
+        self.full_res = (nn.Sequential(nn.Conv2d(3, full_res_channels, 3, padding=1, bias=False),
+                                       nn.BatchNorm2d(full_res_channels), nn.ReLU(inplace=True))
+                         if full_res_channels > 0 else None)
         self.register_buffer("input_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("input_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.encoder = MobileNetV2Encoder()
-        skips = list(_SKIP_CHANNELS[:-1][::-1]) + [0]  # 96, 32, 24, 16, then none at full resolution
+        skips = list(_SKIP_CHANNELS[:-1][::-1]) + [full_res_channels]  # 96, 32, 24, 16, then the optional full-res one
         blocks, cin = [], _SKIP_CHANNELS[-1]
         for cskip, cout in zip(skips, decoder_channels):
             blocks.append(UpBlock(cin, cskip, cout))
@@ -114,8 +120,8 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self.input_mean) / self.input_std
         feats = self.encoder(x)
+        skips = feats[:-1][::-1] + [self.full_res(x) if self.full_res is not None else None]
         x = feats[-1]
-        skips = feats[:-1][::-1] + [None]
         for block, skip in zip(self.decoder, skips):
             x = block(x, skip)
         return self.head(x)

@@ -69,6 +69,7 @@ class TrainConfig:
     strategy: str = "auto"
     progress: bool = True
     decoder_channels: list = field(default_factory=lambda: [96, 64, 48, 32, 16])
+    full_res_channels: int = 0  # > 0: a full-resolution skip of this many channels into the last decoder block
 
     def __post_init__(self) -> None:
         if self.schedule not in ("plateau", "cosine"):
@@ -181,6 +182,25 @@ def add_contact_channel(state: dict[str, torch.Tensor], prior: float = 0.05) -> 
     return state
 
 
+def add_full_res_skip(net: torch.nn.Module, state: dict[str, torch.Tensor], source_channels: int) -> bool:
+    """Fill ``state`` (a model without a full-resolution skip) for ``net`` (with one), in place: the new
+    skip convolution keeps ``net``'s fresh initialisation and the last decoder block reads it through
+    zero weights, so the outputs start unchanged. Returns whether anything was added."""
+    channels = net.full_res[0].out_channels if net.full_res is not None else 0
+    if channels == source_channels:
+        return False
+    if source_channels:
+        raise ValueError(f"the initial model has a full-resolution skip of {source_channels} channels, this run "
+                         f"{channels} (--full-res-channels)")
+    ours = net.state_dict()
+    key = "decoder.4.conv.0.weight"
+    widened = torch.zeros_like(ours[key])
+    widened[:, :state[key].shape[1]] = state[key]
+    state[key] = widened
+    state.update({k: v for k, v in ours.items() if k.startswith("full_res.")})
+    return True
+
+
 class SegmentationModule(L.LightningModule):
     """The network, its loss and metrics; Adam + ReduceLROnPlateau or cosine annealing."""
 
@@ -202,7 +222,7 @@ class SegmentationModule(L.LightningModule):
             source = Model.load(None if self.cfg.init_model == "default" else self.cfg.init_model)
             ours = json.loads(json.dumps(self.model_config))
             widen = source.design == "distance" and self.design == "contact"
-            body = lambda arch: {k: v for k, v in arch.items() if k != "out_channels"}  # noqa: E731
+            body = lambda arch: {k: v for k, v in arch.items() if k not in ("out_channels", "full_res_channels")}  # noqa: E731
             if ((source.design != self.design and not widen) or source.config["normalization"] != ours["normalization"]
                     or body(source.config["architecture"]) != body(ours["architecture"])):
                 raise ValueError(f"{self.cfg.init_model}: its design, architecture or normalisation differ from this "
@@ -211,8 +231,10 @@ class SegmentationModule(L.LightningModule):
             state = source.net.state_dict()
             if widen:
                 state = add_contact_channel(state)
+            added = add_full_res_skip(self.net, state, source.config["architecture"].get("full_res_channels", 0))
             self.net.load_state_dict(state)
-            return f"model {self.cfg.init_model}" + (" (+ a new contact channel)" if widen else "")
+            return (f"model {self.cfg.init_model}" + (" (+ a new contact channel)" if widen else "")
+                    + (" (+ a new full-resolution skip)" if added else ""))
         return "encoder " + load_encoder_weights(self.net.encoder, self.cfg.encoder_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -371,7 +393,7 @@ def train(cfg: TrainConfig, resume: bool = False, epochs: int | None = None) -> 
         samples = samples[:cfg.max_images]
     names = [s.name for s in samples]
     train_names, val_names = split(names, cfg.val_fraction, cfg.seed) if cfg.val_fraction > 0 else (sorted(names), [])
-    model_config = make_config(cfg.design, tuple(cfg.decoder_channels), data={
+    model_config = make_config(cfg.design, tuple(cfg.decoder_channels), full_res_channels=cfg.full_res_channels, data={
         "root": str(cfg.data), "layout": layout, "labels": cfg.labels, "n_images": len(names),
         "val_fraction": cfg.val_fraction, "seed": cfg.seed, "train": train_names, "val": val_names})
     model_config["training"] = {k: v for k, v in asdict(cfg).items() if k not in ("progress",)}
