@@ -90,3 +90,9 @@ for pw in 1 20; do
   fi
   $NS evaluate --model $run/model --data "$DATA" --subset val -o runs/eval-${run#runs/} --quiet
 done
+# Stage 4: a full-resolution skip into the last decoder block, same fine-tuning on the split.
+if [ ! -f runs/ft-split-fullres/model/metrics.json ]; then
+  /usr/bin/time -v $NS train --data "$DATA" --out runs/ft-split-fullres --full-res-channels 16 --init-model $long/model \
+    --epochs $FT_EPOCHS --lr 5e-4 --schedule cosine --crops-per-image 2 --type-balance 0.5 --quiet 2> runs/ft-split-fullres.time
+fi
+$NS evaluate --model runs/ft-split-fullres/model --data "$DATA" --subset val -o runs/eval-ft-split-fullres --quiet
