@@ -60,8 +60,9 @@ def _add_train(sub) -> None:
                    help="distance designs: extra loss weight where touching nuclei meet (0 = off)")
     g.add_argument("--full-res-channels", type=int, default=0,
                    help="channels of an extra full-resolution skip into the last decoder block (0 = none)")
-    g.add_argument("--contact-pos-weight", type=float, default=1.0,
-                   help="contact design: weight of contact pixels (rare) in the contact channel's loss")
+    g.add_argument("--contact-pos-weight", type=float, default=20.0,
+                   help="contact design: weight of contact pixels (rare) in the contact channel's loss (default 20; "
+                        "with 1 the channel stayed inert)")
     g.add_argument("--init-model", default=None, metavar="MODEL",
                    help="fine-tune: start from this model folder's weights ('default': the bundled model) "
                         "instead of ImageNet")
