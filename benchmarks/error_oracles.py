@@ -16,7 +16,7 @@ import numpy as np
 from skimage.measure import label as connected_components
 from skimage.segmentation import watershed
 
-from nucleiseg.evaluate import _annotated_items
+from nucleiseg.evaluate import annotated_items
 from nucleiseg.metrics import instance_metrics
 from nucleiseg.model import load
 from nucleiseg.postprocess import instances, remove_small
@@ -42,7 +42,7 @@ def main() -> None:
     model = load(args.model, backend="onnx")
     if model.design != "distance":
         raise SystemExit(f"{args.model}: a distance-design model is needed, not {model.design!r}")
-    items = _annotated_items(model, args.data, None, "val", False, [])
+    items = annotated_items(model, args.data, None, "val", False, [])
     t = model.thresholds
     variants = {
         "learnt (as predicted)": lambda m, lab: instances(m, "distance", t),

@@ -103,7 +103,7 @@ def evaluate(model, data: str | Path, out: str | Path, labels: str | None = None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     problems: list[str] = []
-    items = _annotated_items(model, data, labels, subset, progress, problems)
+    items = annotated_items(model, data, labels, subset, progress, problems)
     result = evaluate_items(model, items, tta=tta, keep_predictions=True)
     preds = result.pop("predictions")
     rows = result["rows"]
@@ -124,7 +124,7 @@ def evaluate(model, data: str | Path, out: str | Path, labels: str | None = None
     return report
 
 
-def _annotated_items(model, data, labels: str | None, subset: str, progress: bool, problems: list[str]) -> list:
+def annotated_items(model, data, labels: str | None, subset: str, progress: bool, problems: list[str]) -> list:
     """Normalised (name, image, labels) of a dataset, or of the model's own 'val' / 'train' split of it."""
     _, samples = find_samples(data, labels, problems=problems)
     if subset != "all":
@@ -142,7 +142,7 @@ def tune(model, data: str | Path, labels: str | None = None, subset: str = "val"
     """Tune ``model``'s thresholds on annotated images (never on images it was trained on, for honest
     figures) and save them in its folder. Returns {'before': score, 'thresholds': ..., 'skipped': [...]}."""
     problems: list[str] = []
-    items = _annotated_items(model, data, labels, subset, progress, problems)
+    items = annotated_items(model, data, labels, subset, progress, problems)
     maps = [model.maps_from_normalized(image) for _, image, _ in items]
     truth = [it[2] for it in items]
     before = _score(maps, truth, model.design, model.thresholds)
