@@ -212,8 +212,9 @@ def test_killed_prediction_resumes(tmp_path):
 def test_sigterm_leaves_no_partial_files(tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
-    for i in range(30):
-        Image.fromarray(good_image(i, shape=(256, 256))).save(folder / f"im{i:02d}.png")
+    n_images = 120  # far more than are done before the signal, so the run cannot finish first
+    for i in range(n_images):
+        Image.fromarray(good_image(i % 30, shape=(256, 256))).save(folder / f"im{i:03d}.png")
     out = tmp_path / "out"
     proc = subprocess.Popen(NUCLEISEG + ["predict", str(folder), "-o", str(out), "--quiet"],
                             env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}, stderr=subprocess.PIPE)
@@ -221,8 +222,11 @@ def test_sigterm_leaves_no_partial_files(tmp_path):
     while time.time() < deadline and len(list(out.glob("*_labels.tif"))) < 2:
         time.sleep(0.01)
     proc.terminate()
-    assert proc.wait(timeout=60) != 0
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    code = proc.wait(timeout=60)
+    done = len(list(out.glob("*_labels.tif")))
+    assert code == 130, f"exit code {code} after {done} of {n_images} images: {proc.stderr.read().decode()[-500:]}"
+    leftovers = [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert not leftovers, f"temporary files left after SIGTERM: {leftovers}"
 
 
 def test_evaluate_skips_bad_samples_and_fails_loudly(tmp_path, capsys):

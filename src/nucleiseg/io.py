@@ -6,7 +6,7 @@ so callers can report it in one line and go on with the next file.
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -160,21 +160,18 @@ def read_labels(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it into place only if the block succeeds."""
+    """Yield a temporary path next to ``path``; rename it into place only if the block succeeds.
+
+    The name is chosen before anything is created, so an interrupt (Ctrl-C, SIGTERM) at any moment
+    leaves no temporary file behind: the block creates it and ``finally`` removes it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part" + path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.part{path.suffix}")
     try:
         yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give outputs the usual permissions
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 
 def write_tiff(path: str | os.PathLike, array: np.ndarray, **kwargs) -> None:
