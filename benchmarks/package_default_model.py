@@ -13,7 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
-from nucleiseg.model import DEFAULT_MODEL_DIR, Model, make_config
+from nucleiseg.model import DEFAULT_MODEL_DIR, Model, make_config, read_config
 
 
 DESCRIPTION = {"distance": "nucleus probability and each nucleus's distance to its border (normalised to 1 at its centre)",
@@ -24,8 +24,7 @@ DESCRIPTION = {"distance": "nucleus probability and each nucleus's distance to i
 def init_config(config: dict) -> dict | None:
     """Config of the model this one was fine-tuned from (``--init-model``), or None; weights not read."""
     init = config["training"].get("init_model")
-    folder = DEFAULT_MODEL_DIR if init == "default" else Path(init) if init else None
-    return json.loads((folder / "config.json").read_text()) if folder else None
+    return read_config(init) if init else None
 
 
 def epochs(config: dict) -> str:
@@ -59,9 +58,12 @@ def card(config: dict, evaluation: dict, split_config: dict, command: str, base_
         f"| {name} | {g['n_images']} | {g['dsb_score']:.3f} | {g['ap50']:.3f} | {g['f1_50']:.3f} | "
         f"{g['foreground_iou']:.3f} | {g['pixel_accuracy']:.3f} |"
         for name, g in [("all", s), *evaluation["by_type"].items()])
+    full_res = config["architecture"].get("full_res_channels", 0)
+    skip = (f" and a full-resolution skip ({full_res} channels from a 3x3 convolution of the image into the last"
+            " decoder block)" if full_res else "")
     return f"""# nucleiseg default model
 
-MobileNetV2 U-Net (ImageNet-initialised encoder, fine-tuned) predicting {DESCRIPTION[config['design']]};
+MobileNetV2 U-Net (ImageNet-initialised encoder, fine-tuned{skip}) predicting {DESCRIPTION[config['design']]};
 instances by marker-controlled watershed with thresholds tuned on validation data.
 
 - **Training data**: DSB2018 stage1_train (BBBC038, Broad Institute, CC0 1.0), {config['data']['n_images']} images

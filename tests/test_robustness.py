@@ -17,7 +17,7 @@ from PIL import Image
 from conftest import make_labels_layout, to_uint8
 from nucleiseg.cli import main
 from nucleiseg.data import find_samples, load_sample
-from nucleiseg.io import ImageError, read_image
+from nucleiseg.io import ImageError, atomic_path, read_image
 from nucleiseg.model import DEFAULT_MODEL_DIR, Model, ModelError
 from nucleiseg.synthetic import nuclei_image
 
@@ -227,6 +227,21 @@ def test_sigterm_leaves_no_partial_files(tmp_path):
     assert code == 130, f"exit code {code} after {done} of {n_images} images: {proc.stderr.read().decode()[-500:]}"
     leftovers = [p.name for p in out.iterdir() if p.name.startswith(".")]
     assert not leftovers, f"temporary files left after SIGTERM: {leftovers}"
+
+
+def test_atomic_writes_keep_nothing_on_error_and_get_usual_permissions(tmp_path):
+    target = tmp_path / "weights.bin"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("writer failed")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_path(target) as tmp:  # a writer that creates its file private (as safetensors does)
+        os.close(os.open(tmp, os.O_CREAT | os.O_WRONLY, 0o600))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert list(tmp_path.iterdir()) == [target]
 
 
 def test_evaluate_skips_bad_samples_and_fails_loudly(tmp_path, capsys):

@@ -113,10 +113,25 @@ def test_fine_tuning_from_the_bundled_model_loads_its_weights():
     from nucleiseg.training import SegmentationModule
 
     bundled = Model.load()
-    module = SegmentationModule(make_config(bundled.design), {"data": "", "init_model": "default"})
+    full_res = bundled.config["architecture"].get("full_res_channels", 0)
+    module = SegmentationModule(make_config(bundled.design, full_res_channels=full_res), {"data": "", "init_model": "default"})
     assert module.init_weights().startswith("model ")
     ours, theirs = module.net.state_dict(), bundled.net.state_dict()
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_fine_tuning_keeps_the_initial_models_architecture(trained, tmp_path):
+    from nucleiseg.model import read_config
+
+    model_dir, run = trained
+    assert "full_res_channels" not in Model.load(model_dir).config["architecture"]  # from ImageNet: no skip
+    data = json.loads((run / "train_config.json").read_text())["data"]
+    cfg = TrainConfig(data=data, out=str(tmp_path / "ft"), epochs=1, batch_size=4, crop=96, max_images=6,
+                      encoder_weights="none", init_model="default", progress=False, previews=0)
+    tuned = Model.load(train(cfg))  # no full_res_channels given: the bundled model's is kept
+    bundled = read_config("default")["architecture"].get("full_res_channels", 0)
+    assert tuned.config["architecture"].get("full_res_channels", 0) == bundled
+    assert json.loads((tmp_path / "ft" / "train_config.json").read_text())["full_res_channels"] == bundled
 
 
 def test_a_distance_model_starts_a_contact_model_with_its_outputs_unchanged(tmp_path):
@@ -128,7 +143,8 @@ def test_a_distance_model_starts_a_contact_model_with_its_outputs_unchanged(tmp_
 
     bundled = Model.load()
     assert bundled.design == "distance"
-    module = SegmentationModule(make_config("contact"), {"data": "", "init_model": "default"})
+    full_res = bundled.config["architecture"].get("full_res_channels", 0)
+    module = SegmentationModule(make_config("contact", full_res_channels=full_res), {"data": "", "init_model": "default"})
     assert module.init_weights().endswith("(+ a new contact channel)")
     image, _ = nuclei_image((64, 64), n=4, seed=5)
     x = torch.from_numpy(image.astype(np.float32) / image.max()).expand(1, 3, 64, 64)
@@ -138,11 +154,11 @@ def test_a_distance_model_starts_a_contact_model_with_its_outputs_unchanged(tmp_
     assert ours.shape[1] == 4 and torch.allclose(ours[:, :3], theirs, atol=1e-6)
     assert torch.allclose(ours[:, 3], torch.full_like(ours[:, 3], 0.05), atol=1e-6)  # the new channel's prior
     # the other way round (a contact model into a distance run) is refused
-    contact_dir = Model(module.net, make_config("contact"), bundled.thresholds).save(tmp_path / "contact")
+    contact_dir = Model(module.net, make_config("contact", full_res_channels=full_res), bundled.thresholds).save(tmp_path / "contact")
     # with a contact channel that marks nothing yet, the contact model segments as its distance parent
     reloaded = Model.load(contact_dir)
     assert np.array_equal(reloaded.predict(image), bundled.predict(image))
-    back = SegmentationModule(make_config("distance"), {"data": "", "init_model": str(contact_dir)})
+    back = SegmentationModule(make_config("distance", full_res_channels=full_res), {"data": "", "init_model": str(contact_dir)})
     with pytest.raises(ValueError, match="design"):
         back.init_weights()
 

@@ -58,8 +58,9 @@ def _add_train(sub) -> None:
     g.add_argument("--boundary-weight", type=float, default=3.0, help="cross-entropy weight of the boundary class")
     g.add_argument("--contact-weight", type=float, default=0.0,
                    help="distance designs: extra loss weight where touching nuclei meet (0 = off)")
-    g.add_argument("--full-res-channels", type=int, default=0,
-                   help="channels of an extra full-resolution skip into the last decoder block (0 = none)")
+    g.add_argument("--full-res-channels", type=int, default=None,
+                   help="channels of an extra full-resolution skip into the last decoder block (0 = none; "
+                        "default: as the --init-model, else none)")
     g.add_argument("--contact-pos-weight", type=float, default=20.0,
                    help="contact design: weight of contact pixels (rare) in the contact channel's loss (default 20; "
                         "with 1 the channel stayed inert)")

@@ -169,6 +169,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.part{path.suffix}")
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # some writers (safetensors) create 0600; give outputs the usual permissions
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -39,6 +39,19 @@ class ModelError(ValueError):
     """A model folder cannot be used; the message says which file and why."""
 
 
+def model_folder(name: str | os.PathLike | None) -> Path:
+    """The folder a model name refers to: None or 'default' is the bundled model, anything else a path."""
+    return DEFAULT_MODEL_DIR if name is None or str(name) == "default" else Path(name)
+
+
+def read_config(name: str | os.PathLike | None) -> dict:
+    """A model folder's config.json, validated, without loading its weights."""
+    path = model_folder(name) / "config.json"
+    config = _read_json(path)
+    validate_config(config, str(path))
+    return config
+
+
 def make_config(design: str, decoder_channels: tuple[int, ...] = (96, 64, 48, 32, 16),
                 normalization: dict | None = None, tile_size: int = TILE_SIZE, tile_overlap: int = TILE_OVERLAP,
                 training: dict | None = None, data: dict | None = None, full_res_channels: int = 0) -> dict:
@@ -115,12 +128,11 @@ class Model:
     # ---- folder round trip -------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, backend: str = "torch") -> "Model":
-        """Load a model folder (default: the bundled model); ``backend`` 'torch' or 'onnx'."""
-        path = Path(path) if path is not None else DEFAULT_MODEL_DIR
+        """Load a model folder (None or 'default': the bundled model); ``backend`` 'torch' or 'onnx'."""
+        path = model_folder(path)
         if not path.is_dir():
             raise ModelError(f"{path}: model folder not found")
-        config = _read_json(path / "config.json")
-        validate_config(config, str(path / "config.json"))
+        config = read_config(path)
         net = build_network(config)
         weights = path / "weights.safetensors"
         if not weights.is_file():

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import lightning as L
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from . import __version__
 from .data import SegmentationDataset, find_samples, load_items, median_diameter, split
-from .model import Model, build_network, make_config
+from .model import Model, build_network, make_config, read_config
 from .network import STRIDE
 from .postprocess import instances
 from .targets import foreground, loss as target_loss, probabilities
@@ -69,7 +69,9 @@ class TrainConfig:
     strategy: str = "auto"
     progress: bool = True
     decoder_channels: list = field(default_factory=lambda: [96, 64, 48, 32, 16])
-    full_res_channels: int = 0  # > 0: a full-resolution skip of this many channels into the last decoder block
+    # > 0: a full-resolution skip of this many channels into the last decoder block; None: as the
+    # --init-model has (fine-tuning keeps its architecture), 0 when training from ImageNet
+    full_res_channels: int | None = None
 
     def __post_init__(self) -> None:
         if self.schedule not in ("plateau", "cosine"):
@@ -219,7 +221,7 @@ class SegmentationModule(L.LightningModule):
     def init_weights(self) -> str:
         """Initialise from a trained model folder (fine-tuning) or the encoder from ImageNet weights."""
         if self.cfg.init_model:
-            source = Model.load(None if self.cfg.init_model == "default" else self.cfg.init_model)
+            source = Model.load(self.cfg.init_model)
             ours = json.loads(json.dumps(self.model_config))
             widen = source.design == "distance" and self.design == "contact"
             body = lambda arch: {k: v for k, v in arch.items() if k not in ("out_channels", "full_res_channels")}  # noqa: E731
@@ -383,6 +385,9 @@ def train(cfg: TrainConfig, resume: bool = False, epochs: int | None = None) -> 
         cfg = TrainConfig.from_dict({**saved, "progress": cfg.progress, "epochs": epochs or saved["epochs"]})
     elif (run_dir / "checkpoints" / "last.ckpt").exists():
         raise FileExistsError(f"{run_dir}: holds an earlier run; use --resume to continue it or choose another --out")
+    if cfg.full_res_channels is None:
+        cfg = replace(cfg, full_res_channels=read_config(cfg.init_model)["architecture"].get("full_res_channels", 0)
+                      if cfg.init_model else 0)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
