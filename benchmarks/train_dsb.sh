@@ -3,7 +3,7 @@
 # train the better design longer on the split (validation figures, tuned thresholds), then train it on all
 # fixed labels with those thresholds; then stage 2 (below): fine-tuning variants compared on the split,
 # the best one fine-tuned on all images too (a candidate, not adopted); stage 3 anneals the learning rate
-# of that fine-tuning (the default model). Writes runs/ and logs.
+# of that fine-tuning; stage 4 adds a full-resolution skip (the default model). Writes runs/ and logs.
 # Usage: benchmarks/train_dsb.sh [DATA] [WEIGHTS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -67,7 +67,7 @@ if [ ! -f runs/ft-final-types/model/weights.safetensors ]; then
     --lr 5e-4 --crops-per-image 2 --type-balance 0.5 --val-fraction 0 --thresholds-from runs/ft-split-types/model \
     --quiet 2> runs/ft-final-types.time
 fi
-# Stage 3 (the default model): the type-balanced fine-tuning with the learning rate annealed (cosine,
+# Stage 3 (the default model until stage 4): the type-balanced fine-tuning with the learning rate annealed (cosine,
 # 5e-4 -> 5e-6) instead of held, keeping the last epoch: on the split, then on all images.
 if [ ! -f runs/ft-split-cosine/model/metrics.json ]; then
   /usr/bin/time -v $NS train --data "$DATA" --out runs/ft-split-cosine --init-model $long/model --epochs $FT_EPOCHS \
@@ -96,3 +96,10 @@ if [ ! -f runs/ft-split-fullres/model/metrics.json ]; then
     --epochs $FT_EPOCHS --lr 5e-4 --schedule cosine --crops-per-image 2 --type-balance 0.5 --quiet 2> runs/ft-split-fullres.time
 fi
 $NS evaluate --model runs/ft-split-fullres/model --data "$DATA" --subset val -o runs/eval-ft-split-fullres --quiet
+.venv/bin/python benchmarks/error_oracles.py --model runs/ft-split-fullres/model --data "$DATA"
+# The default model (stage 4): the full-resolution-skip recipe trained on all images.
+if [ ! -f runs/ft-final-fullres/model/weights.safetensors ]; then
+  /usr/bin/time -v $NS train --data "$DATA" --out runs/ft-final-fullres --full-res-channels 16 --init-model $final/model \
+    --epochs $FT_EPOCHS --lr 5e-4 --schedule cosine --crops-per-image 2 --type-balance 0.5 --val-fraction 0 \
+    --thresholds-from runs/ft-split-fullres/model --quiet 2> runs/ft-final-fullres.time
+fi
