@@ -13,7 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
-from nucleiseg.model import DEFAULT_MODEL_DIR, Model, make_config, read_config
+from nucleiseg.model import AUTO_ZOOM_ABOVE, DEFAULT_MODEL_DIR, Model, make_config, read_config
 
 
 DESCRIPTION = {"distance": "nucleus probability and each nucleus's distance to its border (normalised to 1 at its centre)",
@@ -91,9 +91,10 @@ AP@0.5 = TP/(TP+FP+FN) at IoU 0.5 (DSB2018 / StarDist convention). Image types g
 ## Limits
 
 Trained on DSB2018 only: nuclei 5 to 80 pixels across at the images' native resolution (median
-{config.get('nucleus_diameter', '?')} px). For nuclei far outside that range, pass their typical diameter
-(`nucleiseg predict --diameter D`, `model.predict(image, diameter=D)`): images are zoomed to the trained
-size and the labels zoomed back. Not trained on 3-D data, whole cells, or non-nuclear stains.
+{config.get('nucleus_diameter', '?')} px). By default (`diameter='auto'`) prediction measures the nuclei in a quick
+first pass and, when they are more than {AUTO_ZOOM_ABOVE} times the trained size, zooms the image to the trained size
+and the labels back; `--diameter D` sets the size, `--diameter none` turns zooming off.
+Not trained on 3-D data, whole cells, or non-nuclear stains.
 """
 
 

@@ -92,7 +92,7 @@ def test_tta_averages_flips(model):
 
 def test_diameter_zooms_large_nuclei_to_the_trained_size(model):
     k = 4  # nuclei 4x larger than in training (about 70 px across), as in a high-magnification image
-    f1 = {"native": [], "zoomed": [], "plain": []}
+    f1 = {"native": [], "zoomed": [], "plain": [], "auto": []}
     for seed in range(3):
         image, labels = nuclei_image((192, 192), n=12, seed=seed)
         big, true = np.kron(image, np.ones((k, k), image.dtype)), np.kron(labels, np.ones((k, k), labels.dtype))
@@ -102,17 +102,23 @@ def test_diameter_zooms_large_nuclei_to_the_trained_size(model):
         assert zoomed.shape == big.shape and zoomed.dtype == np.int32
         assert set(np.unique(zoomed)) == set(range(zoomed.max() + 1))  # labels stay 1..N after zooming back
         f1["zoomed"].append(matching(true, zoomed)["f1"])
-        f1["plain"].append(matching(true, model.predict(big))["f1"])
-        f1["native"].append(matching(labels, model.predict(image))["f1"])
+        f1["plain"].append(matching(true, model.predict(big, diameter=None))["f1"])
+        assert model.estimate_diameter(big) == pytest.approx(diameter, rel=0.25)  # measured by the quick pass
+        f1["auto"].append(matching(true, model.predict(big))["f1"])  # diameter='auto' is the default
+        native = model.predict(image)
+        assert np.array_equal(native, model.predict(image, diameter=None))  # trained size: auto leaves it as it is
+        f1["native"].append(matching(labels, native)["f1"])
     mean = {key: np.mean(v) for key, v in f1.items()}
-    # with the diameter, large nuclei are found as well as the same nuclei at the trained size
+    # with the diameter, given or measured, large nuclei are found as well as at the trained size
     assert mean["zoomed"] >= mean["native"] - 0.1 and mean["zoomed"] > mean["plain"] + 0.1, mean
+    assert mean["auto"] >= mean["native"] - 0.1 and mean["auto"] > mean["plain"] + 0.1, mean
     # the minimum size stays in pixels of the input image (zooming resamples areas by a few %)
     min_size = int(np.median(np.bincount(zoomed.ravel())[1:]))
     kept = np.bincount(model.predict(big, diameter=diameter, thresholds={"min_size": min_size}).ravel())[1:]
     assert kept.size > 0 and kept.min() >= 0.9 * min_size
-    with pytest.raises(ValueError, match="diameter"):
-        model.predict(image, diameter=0)
+    for bad in (0, -3.0, "large", True):
+        with pytest.raises(ValueError, match="diameter"):
+            model.predict(image, diameter=bad)
 
 
 def test_median_diameter_of_disks():

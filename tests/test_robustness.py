@@ -122,6 +122,18 @@ def test_empty_folder_and_unwritable_output(tmp_path, capsys):
     assert "not writable" in capsys.readouterr().err
 
 
+def test_diameter_option_takes_a_number_auto_or_none(tmp_path, capsys):
+    Image.fromarray(good_image()).save(tmp_path / "a.png")
+    for value in ("auto", "none", "NONE", "20"):
+        assert main(["predict", str(tmp_path / "a.png"), "-o", str(tmp_path / value), "--diameter", value, "--quiet"]) == 0
+    # nuclei of the trained size: 'auto' measures them and leaves the image as it is, like 'none'
+    read = lambda d: tifffile.imread(tmp_path / d / "a_labels.tif")  # noqa: E731
+    assert read("auto").max() > 0 and np.array_equal(read("auto"), read("none"))
+    for bad in ("0", "-5", "big"):
+        assert main(["predict", str(tmp_path / "a.png"), "-o", str(tmp_path / "bad"), "--diameter", bad]) == 1
+        assert "--diameter must be a positive number" in capsys.readouterr().err
+
+
 def test_existing_outputs_need_overwrite(tmp_path, capsys):
     Image.fromarray(good_image()).save(tmp_path / "a.png")
     out = tmp_path / "out"

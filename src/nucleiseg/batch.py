@@ -103,7 +103,7 @@ class Options:
     resume: bool = False
     rle: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
-    diameter: float | None = None  # typical nucleus diameter (pixels), when far from the model's
+    diameter: float | str | None = "auto"  # typical nucleus diameter (pixels); 'auto': measured; None: as it is
     thresholds: dict = field(default_factory=dict)  # overrides of the model's tuned thresholds
 
 

@@ -24,7 +24,7 @@ def _owned_objects(model, array, core, halo: int, scale, tile_size, tta=False, t
     h, w = array.shape[:2]
     wy0, wy1, wx0, wx1 = max(0, y0 - halo), min(h, y1 + halo), max(0, x0 - halo), min(w, x1 + halo)
     window = np.asarray(array[wy0:wy1, wx0:wx1])
-    labels = model.predict(window, scale=scale, tile_size=tile_size, tta=tta, thresholds=thresholds)
+    labels = model.predict(window, scale=scale, tile_size=tile_size, tta=tta, thresholds=thresholds, diameter=None)
     if labels.max() == 0:
         return []
     index = np.arange(1, labels.max() + 1)

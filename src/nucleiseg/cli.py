@@ -207,9 +207,10 @@ def _add_predict(sub) -> None:
     g = p.add_argument_group("algorithm")
     g.add_argument("--tta", action="store_true", help="test-time augmentation: average over flips (slower)")
     g.add_argument("--tile-size", type=int, default=None, help="tile side for large images (default: from the model)")
-    g.add_argument("--diameter", type=float, default=None,
-                   help="typical nucleus diameter in pixels, if far from the model's (see `nucleiseg info`): "
-                        "images are zoomed to the trained nucleus size and the labels zoomed back")
+    g.add_argument("--diameter", default="auto",
+                   help="typical nucleus diameter in pixels (the model's: `nucleiseg info`): images are zoomed to "
+                        "the trained nucleus size and the labels zoomed back; 'auto' (default): measured by a quick "
+                        "first pass, used only for nuclei far larger than the trained ones; 'none': never zoom")
     g.add_argument("--mask-threshold", type=float, default=None, help="override the model's nucleus probability threshold")
     g.add_argument("--marker-threshold", type=float, default=None, help="override the model's seed threshold")
     g.add_argument("--min-size", type=int, default=None, help="override the smallest nucleus kept (pixels)")
@@ -292,11 +293,10 @@ def cmd_predict(args) -> int:
     paths = collect_inputs(args.inputs, recursive=args.recursive)
     from pathlib import Path
 
-    if args.diameter is not None and not args.diameter > 0:
-        raise ValueError(f"--diameter must be a positive number of pixels, not {args.diameter}")
+    diameter = _diameter(args.diameter)
     opts = Options(Path(args.out), tuple(k for k in kinds if k != "rle"), args.channel, args.tta, args.tile_size,
                    args.overwrite, args.resume, "rle" in kinds, args.max_pixels or DEFAULT_MAX_PIXELS,
-                   diameter=args.diameter, thresholds=_threshold_overrides(args))
+                   diameter=diameter, thresholds=_threshold_overrides(args))
     started = time.perf_counter()
     report = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     if args.dask or args.workers:
@@ -363,6 +363,19 @@ def cmd_info(args) -> int:
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "tune": cmd_tune, "predict": cmd_predict, "export": cmd_export,
             "download": cmd_download, "info": cmd_info}
+
+
+def _diameter(text: str) -> float | str | None:
+    """--diameter: a positive number of pixels, 'auto' or 'none'."""
+    if text.lower() in ("auto", "none"):
+        return None if text.lower() == "none" else "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise ValueError(f"--diameter must be a positive number of pixels, 'auto' or 'none', not {text!r}")
+    return value
 
 
 def _terminate(signum, frame):

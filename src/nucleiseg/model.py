@@ -30,6 +30,13 @@ FORMAT = "nucleiseg-model"
 FORMAT_VERSION = 1
 ARCHITECTURE = "unet-mobilenetv2"
 DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"
+# diameter="auto": a first pass at this zoom measures the nuclei (even ones several times larger than
+# the trained size come into its range there); images whose nuclei measure more than AUTO_ZOOM_ABOVE
+# times the trained diameter are then zoomed to the trained size (benchmarks/RESULTS.md, "Automatic
+# nucleus size": no change on DSB2018's own images, large gains on magnified ones)
+PROBE_ZOOM = 0.25
+AUTO_ZOOM_ABOVE = 2.5
+AUTO_MIN_NUCLEI = 5  # fewer nuclei in the first pass (small images: neighbours merge there) measure nothing
 CLASS_NAMES = {"semantic": ["background", "nucleus"], "contour": ["background", "interior", "boundary"],
                "distance": ["background", "nucleus", "distance"],
                "contact": ["background", "nucleus", "distance", "contact"]}
@@ -236,25 +243,51 @@ class Model:
         """Image zoom that brings nuclei of ``diameter`` pixels to the size the model was trained on."""
         if diameter is None:
             return 1.0
-        if not diameter > 0:
-            raise ValueError(f"diameter must be a positive number of pixels, not {diameter!r}")
+        if isinstance(diameter, (str, bool)) or not float(diameter) > 0:
+            raise ValueError(f"diameter must be a positive number of pixels, 'auto' or None, not {diameter!r}")
         trained = self.config.get("nucleus_diameter")
         if not trained:
             raise ModelError(f"{self.path or 'model'}: its config records no nucleus_diameter, so --diameter "
                              "cannot be used; rescale the images yourself")
         return float(trained) / float(diameter)
 
+    def estimate_diameter(self, image: np.ndarray, tile_size: int | None = None,
+                          scale: tuple[float, float] | None = None) -> float:
+        """Median nucleus diameter (pixels of ``image``) from a quick pass over the image zoomed to
+        ``PROBE_ZOOM`` (1/16 of the pixels), where nuclei far larger than the trained ones are in the
+        trained range (Cellpose estimates sizes too, with a learnt size model); 0 when that pass finds
+        fewer than ``AUTO_MIN_NUCLEI`` nuclei."""
+        from .data import median_diameter
+
+        labels = self._predict_zoomed(image, PROBE_ZOOM, tile_size=tile_size, scale=scale, zoom_back=False)
+        return median_diameter([labels]) / PROBE_ZOOM if labels.max() >= AUTO_MIN_NUCLEI else 0.0
+
+    def auto_diameter(self, image: np.ndarray, tile_size: int | None = None,
+                      scale: tuple[float, float] | None = None) -> float | None:
+        """The diameter ``diameter='auto'`` segments ``image`` at: its estimated nucleus diameter when that
+        exceeds ``AUTO_ZOOM_ABOVE`` times the trained one, else None (the image as it is)."""
+        trained = self.config.get("nucleus_diameter")
+        if not trained:
+            return None
+        estimate = self.estimate_diameter(image, tile_size=tile_size, scale=scale)
+        return estimate if estimate > AUTO_ZOOM_ABOVE * trained else None
+
     def predict(self, image: np.ndarray, tta: bool = False, tile_size: int | None = None,
                 thresholds: dict | None = None, scale: tuple[float, float] | None = None,
-                diameter: float | None = None) -> np.ndarray:
+                diameter: float | str | None = "auto") -> np.ndarray:
         """Instance labels (H, W) for a raw image: 0 background, 1..N one label per nucleus.
 
-        ``diameter``: typical nucleus diameter in this image (pixels), when it differs much from the
-        training data's (``config['nucleus_diameter']``): the image is zoomed to the trained size for the
-        network and post-processing, and the labels are zoomed back (like Cellpose's diameter).
+        ``diameter``: typical nucleus diameter in this image (pixels): the image is zoomed to the trained
+        size (``config['nucleus_diameter']``) for the network and post-processing, and the labels are
+        zoomed back (like Cellpose's diameter). 'auto' (default): measured by a quick first pass and used
+        only when the nuclei are far larger than the trained ones (:meth:`auto_diameter`); None: as it is.
         Images with more than ``inference.block_size`` squared pixels are segmented block by block
         (:mod:`nucleiseg.blocks`), so memory stays bounded by the block size.
         """
+        if isinstance(diameter, str):
+            if diameter != "auto":
+                raise ValueError(f"diameter must be a positive number of pixels, 'auto' or None, not {diameter!r}")
+            diameter = self.auto_diameter(image, tile_size=tile_size, scale=scale)
         factor = self.rescale_factor(diameter)
         if abs(factor - 1.0) > 0.02:
             return self._predict_zoomed(image, factor, tta=tta, tile_size=tile_size, thresholds=thresholds, scale=scale)
@@ -269,7 +302,8 @@ class Model:
         maps = self.predict_maps(image, tta=tta, tile_size=tile_size, scale=scale)
         return instances(maps, self.design, {**self.thresholds, **(thresholds or {})})
 
-    def _predict_zoomed(self, image: np.ndarray, factor: float, thresholds: dict | None = None, **kwargs) -> np.ndarray:
+    def _predict_zoomed(self, image: np.ndarray, factor: float, thresholds: dict | None = None, zoom_back: bool = True,
+                        **kwargs) -> np.ndarray:
         from skimage.segmentation import relabel_sequential
         from skimage.transform import resize
 
@@ -278,7 +312,9 @@ class Model:
         zoomed = resize(image.astype(np.float32), size, order=1, preserve_range=True, anti_aliasing=factor < 1)
         t = {**self.thresholds, **(thresholds or {})}
         t["min_size"] = t["min_size"] * factor ** 2  # the size limit is in pixels of the original image
-        labels = self.predict(zoomed.astype(np.float32, copy=False), thresholds=t, **kwargs)
+        labels = self.predict(zoomed.astype(np.float32, copy=False), thresholds=t, diameter=None, **kwargs)
+        if not zoom_back:
+            return labels
         back = resize(labels, (h, w), order=0, preserve_range=True, anti_aliasing=False).astype(labels.dtype)
         return relabel_sequential(back)[0]  # a nucleus thinner than a pixel after zooming out may vanish
 
