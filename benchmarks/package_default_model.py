@@ -59,8 +59,8 @@ def card(config: dict, evaluation: dict, split_config: dict, command: str, base_
         f"{g['foreground_iou']:.3f} | {g['pixel_accuracy']:.3f} |"
         for name, g in [("all", s), *evaluation["by_type"].items()])
     full_res = config["architecture"].get("full_res_channels", 0)
-    skip = (f" and a full-resolution skip ({full_res} channels from a 3x3 convolution of the image into the last"
-            " decoder block)" if full_res else "")
+    skip = (f"; a full-resolution skip: {full_res} channels from a 3x3 convolution of the image into the last"
+            " decoder block" if full_res else "")
     return f"""# nucleiseg default model
 
 MobileNetV2 U-Net (ImageNet-initialised encoder, fine-tuned{skip}) predicting {DESCRIPTION[config['design']]};
