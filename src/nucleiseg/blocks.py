@@ -17,14 +17,14 @@ def block_grid(h: int, w: int, block: int) -> list[tuple[int, int, int, int]]:
     return [(y, min(y + block, h), x, min(x + block, w)) for y in range(0, h, block) for x in range(0, w, block)]
 
 
-def _owned_objects(model, array, core, halo: int, scale, tile_size, tta=False, thresholds=None):
+def _owned_objects(model, array, core, halo: int, scale, tile_size, tta=False, thresholds=None, diameter=None):
     """Segment a block with its halo; return the objects whose centroid lies in the core, as
     (slices in image coordinates, boolean mask) pairs."""
     y0, y1, x0, x1 = core
     h, w = array.shape[:2]
     wy0, wy1, wx0, wx1 = max(0, y0 - halo), min(h, y1 + halo), max(0, x0 - halo), min(w, x1 + halo)
     window = np.asarray(array[wy0:wy1, wx0:wx1])
-    labels = model.predict(window, scale=scale, tile_size=tile_size, tta=tta, thresholds=thresholds, diameter=None)
+    labels = model.predict(window, scale=scale, tile_size=tile_size, tta=tta, thresholds=thresholds, diameter=diameter)
     if labels.max() == 0:
         return []
     index = np.arange(1, labels.max() + 1)
@@ -43,11 +43,13 @@ def _owned_objects(model, array, core, halo: int, scale, tile_size, tta=False, t
 
 def segment_blocks(model, array, out, block: int = 2048, halo: int = 128, scale: tuple[float, float] | None = None,
                    tile_size: int | None = None, progress: bool = False, client=None, tta: bool = False,
-                   thresholds: dict | None = None) -> int:
+                   thresholds: dict | None = None, diameter: float | None = None) -> int:
     """Write instance labels of ``array`` into ``out`` (same height/width, zeros) block by block.
 
-    ``scale`` is the whole image's intensity normalisation (computed here if None). With a Dask
-    ``client`` the blocks run on its workers. Returns the number of nuclei.
+    ``scale`` is the whole image's intensity normalisation (computed here if None). ``diameter``: each
+    block is zoomed to the model's trained nucleus size (see ``Model.predict``); the halo, given in
+    network pixels, grows with the zoom so blocks keep the same context. With a Dask ``client`` the
+    blocks run on its workers. Returns the number of nuclei.
     """
     from tqdm.auto import tqdm
 
@@ -57,16 +59,20 @@ def segment_blocks(model, array, out, block: int = 2048, halo: int = 128, scale:
     h, w = array.shape[:2]
     if scale is None:
         scale = intensity_scale(array, model.config["normalization"])
+    factor = model.rescale_factor(diameter)
+    if factor < 1:
+        halo = int(np.ceil(halo / factor))
     # windows start at multiples of the network's stride: the whole image's downsampling grid
     block, halo = (-(-v // STRIDE) * STRIDE for v in (block, halo))
     cores = block_grid(h, w, block)
     if client is not None:
         model_future = client.scatter(model, broadcast=True)
-        futures = [client.submit(_owned_objects, model_future, array, core, halo, scale, tile_size, tta, thresholds, pure=False)
+        futures = [client.submit(_owned_objects, model_future, array, core, halo, scale, tile_size, tta, thresholds,
+                                 diameter, pure=False)
                    for core in cores]
         results = (f.result() for f in futures)
     else:
-        results = (_owned_objects(model, array, core, halo, scale, tile_size, tta, thresholds) for core in cores)
+        results = (_owned_objects(model, array, core, halo, scale, tile_size, tta, thresholds, diameter) for core in cores)
     next_label = 1
     for objects in tqdm(results, total=len(cores), desc="blocks", disable=not progress):
         if not objects:

@@ -105,12 +105,26 @@ def lazy_intensity_scale(array, normalization: dict, samples: int = 64, size: in
     return intensity_scale(np.concatenate(pieces), normalization)
 
 
+def lazy_windows(array, size: int = 1024) -> list[np.ndarray]:
+    """Five windows of a lazy image (its centre and the centres of its quarters), read to measure the
+    nucleus size without reading the whole image."""
+    h, w = array.shape[:2]
+    centres = [(h // 2, w // 2)] + [(h * fy // 4, w * fx // 4) for fy in (1, 3) for fx in (1, 3)]
+    windows = []
+    for cy, cx in centres:
+        y0, x0 = max(0, min(cy - size // 2, h - size)), max(0, min(cx - size // 2, w - size))
+        windows.append(np.asarray(array[y0:y0 + size, x0:x0 + size]))
+    return windows
+
+
 def segment_large(model, source, out: str | os.PathLike, block: int = 2048, halo: int = 128,
-                  tile_size: int | None = None, progress: bool = True, client=None) -> Path:
+                  tile_size: int | None = None, progress: bool = True, client=None,
+                  diameter: float | str | None = "auto") -> Path:
     """Segment a large lazily-read image block by block into a Zarr uint32 label array at ``out``.
 
     Memory is bounded by the block (+ halo) size. With a Dask ``client`` the blocks run on its workers
-    (the model is sent once per worker); the driver writes the objects in block order.
+    (the model is sent once per worker); the driver writes the objects in block order. ``diameter`` as
+    in ``Model.predict``; 'auto' measures the nuclei in five windows (:func:`lazy_windows`).
     """
     import zarr
 
@@ -119,7 +133,9 @@ def segment_large(model, source, out: str | os.PathLike, block: int = 2048, halo
     array = open_lazy(source) if isinstance(source, (str, os.PathLike)) else source
     h, w = array.shape[:2]
     scale = lazy_intensity_scale(array, model.config["normalization"])
+    if diameter == "auto":
+        diameter = model.resolve_diameter(diameter, lazy_windows(array), tile_size=tile_size, scale=scale)
     out_arr = zarr.open(str(out), mode="w", shape=(h, w), chunks=(min(1024, h), min(1024, w)), dtype="uint32")
     segment_blocks(model, array, out_arr, block=block, halo=halo, scale=scale, tile_size=tile_size,
-                   progress=progress, client=client)
+                   progress=progress, client=client, diameter=diameter)
     return Path(out)

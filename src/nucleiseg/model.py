@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -251,18 +251,20 @@ class Model:
                              "cannot be used; rescale the images yourself")
         return float(trained) / float(diameter)
 
-    def estimate_diameter(self, image: np.ndarray, tile_size: int | None = None,
+    def estimate_diameter(self, image: np.ndarray | Sequence[np.ndarray], tile_size: int | None = None,
                           scale: tuple[float, float] | None = None) -> float:
         """Median nucleus diameter (pixels of ``image``) from a quick pass over the image zoomed to
         ``PROBE_ZOOM`` (1/16 of the pixels), where nuclei far larger than the trained ones are in the
         trained range (Cellpose estimates sizes too, with a learnt size model); 0 when that pass finds
-        fewer than ``AUTO_MIN_NUCLEI`` nuclei."""
+        fewer than ``AUTO_MIN_NUCLEI`` nuclei. A list of windows of one image pools their nuclei."""
         from .data import median_diameter
 
-        labels = self._predict_zoomed(image, PROBE_ZOOM, tile_size=tile_size, scale=scale, zoom_back=False)
-        return median_diameter([labels]) / PROBE_ZOOM if labels.max() >= AUTO_MIN_NUCLEI else 0.0
+        windows = [image] if isinstance(image, np.ndarray) else list(image)
+        labels = [self._predict_zoomed(w, PROBE_ZOOM, tile_size=tile_size, scale=scale, zoom_back=False) for w in windows]
+        found = sum(int(lab.max()) for lab in labels)
+        return median_diameter(labels) / PROBE_ZOOM if found >= AUTO_MIN_NUCLEI else 0.0
 
-    def auto_diameter(self, image: np.ndarray, tile_size: int | None = None,
+    def auto_diameter(self, image: np.ndarray | Sequence[np.ndarray], tile_size: int | None = None,
                       scale: tuple[float, float] | None = None) -> float | None:
         """The diameter ``diameter='auto'`` segments ``image`` at: its estimated nucleus diameter when that
         exceeds ``AUTO_ZOOM_ABOVE`` times the trained one, else None (the image as it is)."""
@@ -271,6 +273,16 @@ class Model:
             return None
         estimate = self.estimate_diameter(image, tile_size=tile_size, scale=scale)
         return estimate if estimate > AUTO_ZOOM_ABOVE * trained else None
+
+    def resolve_diameter(self, diameter: float | str | None, image: np.ndarray | Sequence[np.ndarray],
+                         tile_size: int | None = None, scale: tuple[float, float] | None = None) -> float | None:
+        """The diameter to segment at: 'auto' -> :meth:`auto_diameter` of ``image`` (or of windows of it),
+        a number or None as given."""
+        if not isinstance(diameter, str):
+            return diameter
+        if diameter != "auto":
+            raise ValueError(f"diameter must be a positive number of pixels, 'auto' or None, not {diameter!r}")
+        return self.auto_diameter(image, tile_size=tile_size, scale=scale)
 
     def predict(self, image: np.ndarray, tta: bool = False, tile_size: int | None = None,
                 thresholds: dict | None = None, scale: tuple[float, float] | None = None,
@@ -284,10 +296,7 @@ class Model:
         Images with more than ``inference.block_size`` squared pixels are segmented block by block
         (:mod:`nucleiseg.blocks`), so memory stays bounded by the block size.
         """
-        if isinstance(diameter, str):
-            if diameter != "auto":
-                raise ValueError(f"diameter must be a positive number of pixels, 'auto' or None, not {diameter!r}")
-            diameter = self.auto_diameter(image, tile_size=tile_size, scale=scale)
+        diameter = self.resolve_diameter(diameter, image, tile_size=tile_size, scale=scale)
         factor = self.rescale_factor(diameter)
         if abs(factor - 1.0) > 0.02:
             return self._predict_zoomed(image, factor, tta=tta, tile_size=tile_size, thresholds=thresholds, scale=scale)
