@@ -27,6 +27,14 @@ def init_config(config: dict) -> dict | None:
     return read_config(init) if init else None
 
 
+def stage_chain(config: dict) -> list[dict]:
+    """Configs of every training stage that led to this model, the first (from ImageNet) first."""
+    chain = [config]
+    while (base := init_config(chain[0])) is not None:
+        chain.insert(0, base)
+    return chain
+
+
 def epochs(config: dict) -> str:
     """Epochs a model was trained, as 'stage 1 + stage 2' when it was fine-tuned from another model."""
     base = init_config(config)
@@ -42,18 +50,19 @@ def training_line(tr: dict, boundary: str, label: str = "Training") -> str:
             f"  encoder BatchNorm {tr.get('encoder_bn', 'train')}; {tr['wall_time_s'] / 60:.1f} min wall time on a 2-core CPU.")
 
 
-def card(config: dict, evaluation: dict, split_config: dict, command: str, base_config: dict | None = None) -> str:
-    """The model card; ``base_config``: config of the model this one was fine-tuned from (``--init-model``)."""
+def card(config: dict, evaluation: dict, split_config: dict, command: str) -> str:
+    """The model card; stages fine-tuned from another model (``--init-model``) are listed in order."""
     tr = config["training"]
     s = evaluation["summary"]
     n_train = len(config["data"]["train"])
     boundary = f" boundary weight {tr['boundary_weight']}," if config["design"] == "contour" else ""
     scope = (f"all {n_train} of them (no hold-out) for this model" if not config["data"]["val"] else
              f"the {n_train} images of the seeded 80:20 training split for this model (validation images held out)")
-    stages = training_line(tr, boundary)
-    if base_config is not None:
-        stages = (training_line(base_config["training"], boundary, "Training, stage 1 (from ImageNet)") + "\n"
-                  + training_line(tr, boundary, f"Training, stage 2 (fine-tuned from stage 1, `{tr['init_model']}`)"))
+    chain = stage_chain(config)
+    stages = training_line(tr, boundary) if len(chain) == 1 else "\n".join(
+        training_line(c["training"], boundary, f"Training, stage {k + 1} " + (
+            "(from ImageNet)" if k == 0 else f"(fine-tuned from stage {k}, `{c['training']['init_model']}`)"))
+        for k, c in enumerate(chain))
     rows = "\n".join(
         f"| {name} | {g['n_images']} | {g['dsb_score']:.3f} | {g['ap50']:.3f} | {g['f1_50']:.3f} | "
         f"{g['foreground_iou']:.3f} | {g['pixel_accuracy']:.3f} |"
@@ -109,7 +118,6 @@ def main() -> None:
     args = parser.parse_args()
     model = Model.load(args.final / "model")
     split_model = Model.load(args.validation / "model")
-    base_config = init_config(model.config)
     evaluation = json.loads(args.evaluation.read_text())
     # current inference defaults (tiling, block size) of this nucleiseg version
     model.config["inference"] = {**model.config["inference"], **make_config(model.design)["inference"]}
@@ -120,7 +128,7 @@ def main() -> None:
     model.save(args.dest, half=True, metrics={"validation_of_recipe": evaluation["summary"],
                                               "validation_by_type": evaluation["by_type"],
                                               "note": "measured with the 80:20 run of the same recipe"})
-    (args.dest / "README.md").write_text(card(model.config, evaluation, split_model.config, args.command, base_config)
+    (args.dest / "README.md").write_text(card(model.config, evaluation, split_model.config, args.command)
                                            + (f"\n## Notes\n\n{args.note}\n" if args.note else ""))
     print(f"packaged {args.final} -> {args.dest}")
 
