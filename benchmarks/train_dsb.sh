@@ -3,7 +3,8 @@
 # train the better design longer on the split (validation figures, tuned thresholds), then train it on all
 # fixed labels with those thresholds; then stage 2 (below): fine-tuning variants compared on the split,
 # the best one fine-tuned on all images too (a candidate, not adopted); stage 3 anneals the learning rate
-# of that fine-tuning; stage 4 adds a full-resolution skip (the default model). Writes runs/ and logs.
+# of that fine-tuning; stage 4 adds a full-resolution skip (the default model); stage 5 fine-tunes stage 4's
+# split model 20 epochs more (not adopted: no better). Writes runs/ and logs.
 # Usage: benchmarks/train_dsb.sh [DATA] [WEIGHTS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -103,3 +104,9 @@ if [ ! -f runs/ft-final-fullres/model/weights.safetensors ]; then
     --epochs $FT_EPOCHS --lr 5e-4 --schedule cosine --crops-per-image 2 --type-balance 0.5 --val-fraction 0 \
     --thresholds-from runs/ft-split-fullres/model --quiet 2> runs/ft-final-fullres.time
 fi
+# Stage 5 (not adopted): 20 more epochs of the stage-4 split model, a second cosine cycle from 3e-4.
+if [ ! -f runs/ft2-split/model/metrics.json ]; then
+  /usr/bin/time -v $NS train --data "$DATA" --out runs/ft2-split --init-model runs/ft-split-fullres/model \
+    --epochs 20 --lr 3e-4 --schedule cosine --crops-per-image 2 --type-balance 0.5 --quiet 2> runs/ft2-split.time
+fi
+$NS evaluate --model runs/ft2-split/model --data "$DATA" --subset val -o runs/eval-ft2-split --quiet
