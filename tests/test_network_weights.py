@@ -119,26 +119,30 @@ def test_freeze_encoder_keeps_weights_and_bn_fixed():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_full_resolution_skip_starts_from_a_model_without_one_unchanged(tmp_path):
-    from nucleiseg.training import add_full_res_skip
-
-    torch.manual_seed(0)
-    plain = UNet(3).eval()
-    for m in plain.modules():  # non-trivial BatchNorm statistics, as in a trained model
+def _with_trained_statistics(net: UNet) -> UNet:
+    for m in net.modules():  # non-trivial BatchNorm statistics, as in a trained model
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+def test_full_resolution_skip_starts_from_a_model_without_one_unchanged(tmp_path):
+    from nucleiseg.training import grow_decoder
+
+    torch.manual_seed(0)
+    plain = _with_trained_statistics(UNet(3))
     wide = UNet(3, full_res_channels=8).eval()
     assert wide.decoder[-1].conv[0].in_channels == plain.decoder[-1].conv[0].in_channels + 8
     state = plain.state_dict()
-    assert add_full_res_skip(wide, state, source_channels=0)
+    assert grow_decoder(wide, state, source_full_res=0) == ["a new full-resolution skip of 8 channels"]
     wide.load_state_dict(state)
     x = torch.rand(1, 3, 64, 96)
     with torch.no_grad():
         assert torch.allclose(wide(x), plain(x), atol=1e-5)
-    assert not add_full_res_skip(wide, wide.state_dict(), source_channels=8)  # same architecture: nothing to add
+    assert not grow_decoder(wide, wide.state_dict(), source_full_res=8)  # same architecture: nothing to add
     with pytest.raises(ValueError, match="full-resolution"):
-        add_full_res_skip(UNet(3, full_res_channels=16), wide.state_dict(), source_channels=8)
+        grow_decoder(UNet(3, full_res_channels=4), wide.state_dict(), source_full_res=8)
     # the model folder records it and rebuilds the same network
     config = make_config("distance", full_res_channels=8)
     assert config["architecture"]["full_res_channels"] == 8
@@ -147,3 +151,29 @@ def test_full_resolution_skip_starts_from_a_model_without_one_unchanged(tmp_path
     back = Model.load(tmp_path / "m")
     with torch.no_grad():
         assert torch.allclose(back.net(x), wide(x), atol=1e-6)
+
+
+def test_wider_decoder_starts_from_a_narrower_model_unchanged_and_learns():
+    from nucleiseg.training import grow_decoder
+
+    torch.manual_seed(1)
+    narrow = _with_trained_statistics(UNet(3, full_res_channels=8))
+    wide = UNet(3, decoder_channels=(128, 96, 64, 48, 16), full_res_channels=8).eval()
+    state = narrow.state_dict()
+    grown = grow_decoder(wide, state, source_full_res=8)
+    assert grown == ["decoder block 0 widened 96 -> 128", "decoder block 1 widened 64 -> 96",
+                     "decoder block 2 widened 48 -> 64", "decoder block 3 widened 32 -> 48"]
+    wide.load_state_dict(state)
+    x = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        assert torch.allclose(wide(x), narrow(x), atol=1e-5)  # the skips moved with the widened parts
+    # the new channels learn: after one step they change the output
+    wide.train()
+    opt = torch.optim.SGD(wide.parameters(), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        wide(x).square().mean().backward()
+        opt.step()
+    assert wide.decoder[0].conv[0].weight.detach()[:96, 96:128].abs().sum() > 0
+    with pytest.raises(ValueError, match="can only grow"):
+        grow_decoder(UNet(3, full_res_channels=8), wide.state_dict(), source_full_res=8)

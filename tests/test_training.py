@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import make_labels_layout
+from nucleiseg.cli import main
 from nucleiseg.metrics import pixel_metrics
 from nucleiseg.model import Model, ModelError
 from nucleiseg.synthetic import nuclei_image
@@ -132,6 +133,14 @@ def test_fine_tuning_keeps_the_initial_models_architecture(trained, tmp_path):
     bundled = read_config("default")["architecture"].get("full_res_channels", 0)
     assert tuned.config["architecture"].get("full_res_channels", 0) == bundled
     assert json.loads((tmp_path / "ft" / "train_config.json").read_text())["full_res_channels"] == bundled
+    assert tuned.config["architecture"]["decoder_channels"] == read_config("default")["architecture"]["decoder_channels"]
+    # a wider decoder than the initial model's, from the command line: its new channels start at zero effect
+    assert main(["train", "--data", data, "--out", str(tmp_path / "wide"), "--epochs", "1", "--batch-size", "4",
+                 "--crop", "96", "--max-images", "6", "--encoder-weights", "none", "--init-model", "default",
+                 "--decoder-channels", "128", "96", "64", "32", "16", "--quiet"]) == 0
+    wide = Model.load(tmp_path / "wide" / "model")
+    assert wide.config["architecture"]["decoder_channels"] == [128, 96, 64, 32, 16]
+    assert wide.config["architecture"].get("full_res_channels", 0) == bundled
 
 
 def test_a_distance_model_starts_a_contact_model_with_its_outputs_unchanged(tmp_path):

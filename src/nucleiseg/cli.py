@@ -61,6 +61,9 @@ def _add_train(sub) -> None:
     g.add_argument("--full-res-channels", type=int, default=None,
                    help="channels of an extra full-resolution skip into the last decoder block (0 = none; "
                         "default: as the --init-model, else none)")
+    g.add_argument("--decoder-channels", type=int, nargs=5, default=None, metavar="C",
+                   help="widths of the 5 decoder blocks, strides 16..1 (default: as the --init-model, else "
+                        "96 64 48 32 16); wider than the --init-model's: new channels start at zero effect")
     g.add_argument("--contact-pos-weight", type=float, default=20.0,
                    help="contact design: weight of contact pixels (rare) in the contact channel's loss (default 20; "
                         "with 1 the channel stayed inert)")
@@ -142,7 +145,7 @@ def cmd_train(args) -> int:
                           precision=args.precision, patience=args.patience, boundary_weight=args.boundary_weight,
                           dice_weight=args.dice_weight, contact_weight=args.contact_weight,
                           contact_pos_weight=args.contact_pos_weight, full_res_channels=args.full_res_channels,
-                          init_model=args.init_model, crops_per_image=args.crops_per_image,
+                          decoder_channels=args.decoder_channels, init_model=args.init_model, crops_per_image=args.crops_per_image,
                           type_balance=args.type_balance,
                           num_workers=args.workers, max_images=args.max_images, thresholds_from=args.thresholds_from,
                           accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .inference import TILE_OVERLAP, TILE_SIZE, MapsNet, OnnxRunner, TorchRunner, predict_maps
 from .io import read_image
-from .network import STRIDE, UNet
+from .network import DEFAULT_DECODER, STRIDE, UNet
 from .postprocess import DEFAULT_THRESHOLDS, instances
 from .targets import DESIGNS, n_channels
 from .transforms import DEFAULT_NORMALIZATION, normalize
@@ -59,7 +59,7 @@ def read_config(name: str | os.PathLike | None) -> dict:
     return config
 
 
-def make_config(design: str, decoder_channels: tuple[int, ...] = (96, 64, 48, 32, 16),
+def make_config(design: str, decoder_channels: tuple[int, ...] = DEFAULT_DECODER,
                 normalization: dict | None = None, tile_size: int = TILE_SIZE, tile_overlap: int = TILE_OVERLAP,
                 training: dict | None = None, data: dict | None = None, full_res_channels: int = 0) -> dict:
     """A complete model config; every setting needed to rebuild the network and its pre-processing.

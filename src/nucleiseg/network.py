@@ -21,6 +21,9 @@ _SKIP_INDICES = (1, 3, 6, 13, 18)
 _SKIP_CHANNELS = (16, 24, 32, 96, 1280)
 
 
+DEFAULT_DECODER = (96, 64, 48, 32, 16)  # decoder block widths, strides 16, 8, 4, 2, 1
+
+
 class ConvBNReLU(nn.Sequential):
     """Conv + BatchNorm + ReLU6, named ``0`` / ``1`` like torchvision's Conv2dNormActivation."""
 
@@ -94,7 +97,7 @@ class UNet(nn.Module):
     (fixed buffers), so exported models take the same input as the Python pipeline.
     """
 
-    def __init__(self, out_channels: int, decoder_channels: tuple[int, ...] = (96, 64, 48, 32, 16),
+    def __init__(self, out_channels: int, decoder_channels: tuple[int, ...] = DEFAULT_DECODER,
                  full_res_channels: int = 0):
         super().__init__()
         if len(decoder_channels) != 5:

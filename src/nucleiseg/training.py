@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from . import __version__
 from .data import SegmentationDataset, find_samples, load_items, median_diameter, split
 from .model import Model, build_network, make_config, read_config
-from .network import STRIDE
+from .network import DEFAULT_DECODER, STRIDE
 from .postprocess import instances
 from .targets import foreground, loss as target_loss, probabilities
 from .weights import load_encoder_weights
@@ -68,7 +68,7 @@ class TrainConfig:
     num_nodes: int = 1
     strategy: str = "auto"
     progress: bool = True
-    decoder_channels: list = field(default_factory=lambda: [96, 64, 48, 32, 16])
+    decoder_channels: list | None = None  # None: as the init model, else DEFAULT_DECODER
     # > 0: a full-resolution skip of this many channels into the last decoder block; None: as the
     # --init-model has (fine-tuning keeps its architecture), 0 when training from ImageNet
     full_res_channels: int | None = None
@@ -184,23 +184,47 @@ def add_contact_channel(state: dict[str, torch.Tensor], prior: float = 0.05) -> 
     return state
 
 
-def add_full_res_skip(net: torch.nn.Module, state: dict[str, torch.Tensor], source_channels: int) -> bool:
-    """Fill ``state`` (a model without a full-resolution skip) for ``net`` (with one), in place: the new
-    skip convolution keeps ``net``'s fresh initialisation and the last decoder block reads it through
-    zero weights, so the outputs start unchanged. Returns whether anything was added."""
+def grow_decoder(net: torch.nn.Module, state: dict[str, torch.Tensor], source_full_res: int) -> list[str]:
+    """Fill ``state`` (a trained model's weights) for ``net``, whose decoder may be wider or have a
+    full-resolution skip the trained one lacks, in place. Old weights keep their places (a decoder
+    block reads [upsampled, skip] channels, so the skip part moves when the upsampled part widens);
+    new channels keep ``net``'s fresh initialisation and are read through zero weights, so the outputs
+    start unchanged (like Net2Net's function-preserving widening). Returns what grew."""
     channels = net.full_res[0].out_channels if net.full_res is not None else 0
-    if channels == source_channels:
-        return False
-    if source_channels:
-        raise ValueError(f"the initial model has a full-resolution skip of {source_channels} channels, this run "
+    if source_full_res > channels:
+        raise ValueError(f"the initial model has a full-resolution skip of {source_full_res} channels, this run "
                          f"{channels} (--full-res-channels)")
     ours = net.state_dict()
-    key = "decoder.4.conv.0.weight"
-    widened = torch.zeros_like(ours[key])
-    widened[:, :state[key].shape[1]] = state[key]
-    state[key] = widened
-    state.update({k: v for k, v in ours.items() if k.startswith("full_res.")})
-    return True
+    grown = [f"a new full-resolution skip of {channels} channels"] if channels > source_full_res else []
+    widths = {k: v.shape[0] for k, v in state.items() if k.endswith(".up.bias")}  # before any grows
+    state.update({k: v for k, v in ours.items() if k not in state})  # the new skip convolution
+    for key, fresh in ours.items():
+        old = state[key]
+        if old.shape == fresh.shape:
+            continue
+        if any(o > n for o, n in zip(old.shape, fresh.shape)):
+            raise ValueError(f"{key}: the initial model's decoder is wider ({tuple(old.shape)}) than this run's "
+                             f"({tuple(fresh.shape)}); --decoder-channels can only grow")
+        new = fresh.clone()
+        if old.ndim <= 1:  # biases, BatchNorm parameters and statistics
+            new[:old.shape[0]] = old
+        else:
+            out_axis, in_axis = (1, 0) if key.endswith(".up.weight") else (0, 1)  # ConvTranspose2d: (in, out, kh, kw)
+            rows = new.narrow(out_axis, 0, old.shape[out_axis])
+            rows.zero_()  # old outputs read new inputs through zero weights
+            block = key.split(".")
+            if block[0] == "decoder" and block[2:4] == ["conv", "0"]:
+                # [upsampled, skip]: the upsampled part is this block's width, the skip part follows it
+                width_old, width_new = widths[f"decoder.{block[1]}.up.bias"], fresh.shape[0]
+                parts = [(0, 0, width_old), (width_old, width_new, old.shape[in_axis] - width_old)]
+            else:
+                parts = [(0, 0, old.shape[in_axis])]
+            for src, dst, n in parts:
+                rows.narrow(in_axis, dst, n).copy_(old.narrow(in_axis, src, n))
+        state[key] = new
+        if key.startswith("decoder.") and key.endswith(".up.weight") and old.shape[1] != fresh.shape[1]:
+            grown.append(f"decoder block {key.split('.')[1]} widened {old.shape[1]} -> {fresh.shape[1]}")
+    return grown
 
 
 class SegmentationModule(L.LightningModule):
@@ -224,7 +248,8 @@ class SegmentationModule(L.LightningModule):
             source = Model.load(self.cfg.init_model)
             ours = json.loads(json.dumps(self.model_config))
             widen = source.design == "distance" and self.design == "contact"
-            body = lambda arch: {k: v for k, v in arch.items() if k not in ("out_channels", "full_res_channels")}  # noqa: E731
+            body = lambda arch: {k: v for k, v in arch.items()  # noqa: E731
+                                 if k not in ("out_channels", "full_res_channels", "decoder_channels")}
             if ((source.design != self.design and not widen) or source.config["normalization"] != ours["normalization"]
                     or body(source.config["architecture"]) != body(ours["architecture"])):
                 raise ValueError(f"{self.cfg.init_model}: its design, architecture or normalisation differ from this "
@@ -233,10 +258,10 @@ class SegmentationModule(L.LightningModule):
             state = source.net.state_dict()
             if widen:
                 state = add_contact_channel(state)
-            added = add_full_res_skip(self.net, state, source.config["architecture"].get("full_res_channels", 0))
+            grown = grow_decoder(self.net, state, source.config["architecture"].get("full_res_channels", 0))
             self.net.load_state_dict(state)
             return (f"model {self.cfg.init_model}" + (" (+ a new contact channel)" if widen else "")
-                    + (" (+ a new full-resolution skip)" if added else ""))
+                    + "".join(f" (+ {g})" for g in grown))
         return "encoder " + load_encoder_weights(self.net.encoder, self.cfg.encoder_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -385,9 +410,12 @@ def train(cfg: TrainConfig, resume: bool = False, epochs: int | None = None) -> 
         cfg = TrainConfig.from_dict({**saved, "progress": cfg.progress, "epochs": epochs or saved["epochs"]})
     elif (run_dir / "checkpoints" / "last.ckpt").exists():
         raise FileExistsError(f"{run_dir}: holds an earlier run; use --resume to continue it or choose another --out")
+    # architecture defaults: as the model fine-tuned from, else the plain recipe
+    arch = read_config(cfg.init_model)["architecture"] if cfg.init_model else {}
     if cfg.full_res_channels is None:
-        cfg = replace(cfg, full_res_channels=read_config(cfg.init_model)["architecture"].get("full_res_channels", 0)
-                      if cfg.init_model else 0)
+        cfg = replace(cfg, full_res_channels=arch.get("full_res_channels", 0))
+    if cfg.decoder_channels is None:
+        cfg = replace(cfg, decoder_channels=list(arch.get("decoder_channels", DEFAULT_DECODER)))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
