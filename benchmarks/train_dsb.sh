@@ -4,7 +4,7 @@
 # fixed labels with those thresholds; then stage 2 (below): fine-tuning variants compared on the split,
 # the best one fine-tuned on all images too (a candidate, not adopted); stage 3 anneals the learning rate
 # of that fine-tuning; stage 4 adds a full-resolution skip (the default model); stage 5 fine-tunes stage 4's
-# split model 20 epochs more (not adopted: no better). Writes runs/ and logs.
+# split model 20 epochs more, also with a wider decoder (not adopted: no better). Writes runs/ and logs.
 # Usage: benchmarks/train_dsb.sh [DATA] [WEIGHTS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -110,3 +110,9 @@ if [ ! -f runs/ft2-split/model/metrics.json ]; then
     --epochs 20 --lr 3e-4 --schedule cosine --crops-per-image 2 --type-balance 0.5 --quiet 2> runs/ft2-split.time
 fi
 $NS evaluate --model runs/ft2-split/model --data "$DATA" --subset val -o runs/eval-ft2-split --quiet
+if [ ! -f runs/ft-split-wide/model/metrics.json ]; then
+  /usr/bin/time -v $NS train --data "$DATA" --out runs/ft-split-wide --init-model runs/ft-split-fullres/model \
+    --decoder-channels 128 96 64 32 16 --epochs 20 --lr 3e-4 --schedule cosine --crops-per-image 2 --type-balance 0.5 \
+    --quiet 2> runs/ft-split-wide.time
+fi
+$NS evaluate --model runs/ft-split-wide/model --data "$DATA" --subset val -o runs/eval-ft-split-wide --quiet
