@@ -3,7 +3,6 @@ DSB2018 images well after fp16 packaging (a regression check on images from its 
 import json
 
 import numpy as np
-import pytest
 
 import nucleiseg
 from conftest import SHARED_DATA, needs_shared_data

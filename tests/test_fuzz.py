@@ -1,13 +1,11 @@
 """Property-based tests: readers never crash with anything but their own clear error; post-processing
 and metrics keep their invariants on random label images."""
-import io
 
 import numpy as np
 import tifffile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-from PIL import Image
 
 from nucleiseg.io import ImageError, as_2d_image, read_image, read_labels
 from nucleiseg.metrics import dsb_score, instance_metrics, matching, pixel_metrics

@@ -4,7 +4,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from nucleiseg.data import Sample, detect_layout, find_samples, load_sample, split
+from nucleiseg.data import detect_layout, find_samples, load_sample, split
 from nucleiseg.io import ImageError, read_image, read_labels
 from nucleiseg.synthetic import nuclei_image
 from nucleiseg.transforms import normalize

@@ -10,9 +10,8 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import lightning as L
