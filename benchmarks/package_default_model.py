@@ -36,9 +36,8 @@ def stage_chain(config: dict) -> list[dict]:
 
 
 def epochs(config: dict) -> str:
-    """Epochs a model was trained, as 'stage 1 + stage 2' when it was fine-tuned from another model."""
-    base = init_config(config)
-    return f"{epochs(base)} + {config['training']['epochs_run']}" if base else str(config["training"]["epochs_run"])
+    """Epochs a model was trained, as 'stage 1 + stage 2 + ...' when it was fine-tuned from another model."""
+    return " + ".join(str(c["training"]["epochs_run"]) for c in stage_chain(config))
 
 
 def training_line(tr: dict, boundary: str, label: str = "Training") -> str:

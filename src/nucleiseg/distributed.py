@@ -133,7 +133,7 @@ def segment_large(model, source, out: str | os.PathLike, block: int = 2048, halo
     array = open_lazy(source) if isinstance(source, (str, os.PathLike)) else source
     h, w = array.shape[:2]
     scale = lazy_intensity_scale(array, model.config["normalization"])
-    if diameter == "auto":
+    if isinstance(diameter, str):  # 'auto' (or a wrong word: one error message, Model.resolve_diameter's)
         diameter = model.resolve_diameter(diameter, lazy_windows(array), tile_size=tile_size, scale=scale)
     out_arr = zarr.open(str(out), mode="w", shape=(h, w), chunks=(min(1024, h), min(1024, w)), dtype="uint32")
     segment_blocks(model, array, out_arr, block=block, halo=halo, scale=scale, tile_size=tile_size,
