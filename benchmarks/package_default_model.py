@@ -42,6 +42,7 @@ def epochs(config: dict) -> str:
 
 def training_line(tr: dict, boundary: str, label: str = "Training") -> str:
     extras = f" contact weight {tr['contact_weight']}," if tr.get("contact_weight") else ""
+    extras += f" small-nucleus weight {tr['small_weight']}," if tr.get("small_weight") else ""
     extras += f" type balance {tr['type_balance']}," if tr.get("type_balance") else ""
     schedule = " annealed (cosine) to lr/100" if tr.get("schedule") == "cosine" else ""
     return (f"- **{label}**: {tr['epochs_run']} epochs of {tr['crops_per_image']} random {tr['crop']}x{tr['crop']} crops "

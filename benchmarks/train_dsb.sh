@@ -116,3 +116,17 @@ if [ ! -f runs/ft-split-wide/model/metrics.json ]; then
     --quiet 2> runs/ft-split-wide.time
 fi
 $NS evaluate --model runs/ft-split-wide/model --data "$DATA" --subset val -o runs/eval-ft-split-wide --quiet
+# Stage 6 (the default model): 12 more epochs of the stage-4 models with small nuclei (below 160 px,
+# fully below 40 px) and a 2-pixel ring around them counting up to 4 times in the loss.
+if [ ! -f runs/ft-split-small3/model/metrics.json ]; then
+  /usr/bin/time -v $NS train --data "$DATA" --out runs/ft-split-small3 --init-model runs/ft-split-fullres/model \
+    --epochs 12 --lr 3e-4 --schedule cosine --crops-per-image 2 --type-balance 0.5 --small-weight 3 \
+    --quiet 2> runs/ft-split-small3.time
+fi
+$NS evaluate --model runs/ft-split-small3/model --data "$DATA" --subset val -o runs/eval-ft-split-small3 --quiet
+.venv/bin/python benchmarks/error_oracles.py --model runs/ft-split-small3/model --data "$DATA"
+if [ ! -f runs/ft-final-small3/model/weights.safetensors ]; then
+  /usr/bin/time -v $NS train --data "$DATA" --out runs/ft-final-small3 --init-model runs/ft-final-fullres/model \
+    --epochs 12 --lr 3e-4 --schedule cosine --crops-per-image 2 --type-balance 0.5 --small-weight 3 --val-fraction 0 \
+    --thresholds-from runs/ft-split-small3/model --quiet 2> runs/ft-final-small3.time
+fi

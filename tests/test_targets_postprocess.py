@@ -6,7 +6,8 @@ import torch
 from nucleiseg.metrics import dsb_score
 from nucleiseg.postprocess import instances, peak_markers, remove_small
 from nucleiseg.synthetic import nuclei_image
-from nucleiseg.targets import contact_map, contour_classes, encode, loss, n_channels, normalised_distance, probabilities
+from nucleiseg.targets import (contact_map, contour_classes, encode, loss, n_channels, normalised_distance, probabilities,
+                               small_nucleus_map)
 
 
 def two_touching_discs():
@@ -161,6 +162,38 @@ def test_contact_weight_counts_errors_where_nuclei_meet_more():
     logits = torch.stack([-3 * sign, 3 * sign, 6 * (2 * target[0, 1] - 1)])[None]
     assert loss(logits, target, "distance", contact_weight=5.0).item() == pytest.approx(
         loss(logits, target, "distance").item(), rel=0.1)
+
+
+def test_small_nucleus_map_grades_nuclei_by_area_with_a_ring():
+    yy, xx = np.mgrid[0:40, 0:80]
+    lab = np.zeros((40, 80), np.int32)
+    lab[(yy - 20) ** 2 + (xx - 10) ** 2 <= 9] = 1     # 29 px: fully small
+    lab[(yy - 20) ** 2 + (xx - 35) ** 2 <= 36] = 2    # 113 px: in between
+    lab[(yy - 20) ** 2 + (xx - 62) ** 2 <= 144] = 3   # 441 px: big
+    small = small_nucleus_map(lab)
+    assert small[20, 10] == 1.0 and small[20, 62] == 0.0
+    assert small[20, 35] == pytest.approx((160 - 113) / 120)
+    assert small[20, 10 + 3 + 2] == 1.0 and small[20, 10 + 3 + 3] == 0.0  # a 2-pixel ring, no further
+    assert not small[:, 22:25].any() and small[0, 0] == 0.0  # background away from small nuclei is unweighted
+
+
+def test_small_weight_counts_errors_on_small_nuclei_more():
+    yy, xx = np.mgrid[0:40, 0:80]
+    lab = np.zeros((40, 80), np.int32)
+    lab[(yy - 20) ** 2 + (xx - 10) ** 2 <= 9] = 1
+    lab[(yy - 20) ** 2 + (xx - 55) ** 2 <= 144] = 2
+    target = torch.from_numpy(encode(lab, "distance"))[None]
+    right = torch.where(target[0, 0] > 0, 1.0, -1.0)
+
+    def logits_missing(label):  # right everywhere (margin 3) except that nucleus ``label`` is called background
+        sign = right.clone()
+        sign[torch.from_numpy(lab == label)] = -1
+        return torch.stack([-3 * sign, 3 * sign, 6 * (2 * target[0, 1] - 1)])[None]
+
+    plain, weighted = (loss(logits_missing(1), target, "distance", small_weight=w).item() for w in (0.0, 3.0))
+    assert weighted > 2 * plain  # missing the small nucleus costs about 4 times as much
+    big_plain, big_weighted = (loss(logits_missing(2), target, "distance", small_weight=w).item() for w in (0.0, 3.0))
+    assert big_weighted == pytest.approx(big_plain, rel=0.15)  # the big one's ring-free pixels are unweighted
 
 
 def merged_peak_maps(contact_probability: float) -> np.ndarray:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
-from skimage.segmentation import find_boundaries
+from skimage.segmentation import expand_labels, find_boundaries
 
 DESIGNS = ("semantic", "contour", "distance", "contact")
 
@@ -67,22 +67,38 @@ def contact_map(labels: np.ndarray, radius: int = 2) -> np.ndarray:
     return ((low < big) & (high != low)).astype(np.float32)
 
 
+def small_nucleus_map(labels: np.ndarray, full: float = 40.0, none: float = 160.0, ring: int = 2) -> np.ndarray:
+    """How small each nucleus is, on its pixels and a ``ring``-pixel band around it: 1 for nuclei of
+    ``full`` pixels or fewer, falling linearly to 0 at ``none`` pixels. Small nuclei are few pixels of
+    the loss, so a plain per-pixel loss lets the network skip them; this map lets the loss count them more."""
+    areas = np.bincount(labels.ravel())
+    smallness = np.clip((none - areas) / (none - full), 0.0, 1.0).astype(np.float32)
+    smallness[0] = 0.0
+    return smallness[expand_labels(labels, ring)]
+
+
 def encode(labels: np.ndarray, design: str) -> np.ndarray:
-    """Per-pixel targets (T, H, W) float32 for an instance label image (0 = background)."""
+    """Per-pixel targets (T, H, W) float32 for an instance label image (0 = background).
+
+    Distance designs: nucleus mask, normalised distance, contact map, small-nucleus map."""
     design = _check(design)
     if design == "semantic":
         return (labels > 0).astype(np.float32)[None]
     if design == "contour":
         return contour_classes(labels).astype(np.float32)[None]
-    return np.stack([(labels > 0).astype(np.float32), normalised_distance(labels), contact_map(labels)])
+    return np.stack([(labels > 0).astype(np.float32), normalised_distance(labels), contact_map(labels),
+                     small_nucleus_map(labels)])
 
 
 def loss(logits: torch.Tensor, target: torch.Tensor, design: str, boundary_weight: float = 3.0,
-         dice_weight: float = 0.0, contact_weight: float = 0.0, contact_pos_weight: float = 1.0) -> torch.Tensor:
+         dice_weight: float = 0.0, contact_weight: float = 0.0, contact_pos_weight: float = 1.0,
+         small_weight: float = 0.0) -> torch.Tensor:
     """Cross-entropy (class-weighted for boundaries) + optional Dice on foreground, + distance BCE.
 
     ``contact_weight`` (distance designs): pixels of the contact map count ``1 + contact_weight`` times
     in the cross-entropy and the distance loss (like U-Net's border weights for touching cells).
+    ``small_weight`` (distance designs): small nuclei and a ring around them count up to
+    ``1 + small_weight`` times (the small-nucleus map), so missing them costs as much as missing big ones.
     The contact design adds a binary cross-entropy of its contact channel against the contact map, its
     positive (contact) pixels counting ``contact_pos_weight`` times: they are only ~0.4% of all pixels.
     """
@@ -94,7 +110,9 @@ def loss(logits: torch.Tensor, target: torch.Tensor, design: str, boundary_weigh
     if design == "contour":
         weight = torch.tensor([1.0, 1.0, boundary_weight], device=logits.device)
     with_distance = design in ("distance", "contact")
-    pixel_weight = 1.0 + contact_weight * target[:, 2] if with_distance and contact_weight > 0 else None
+    pixel_weight = None
+    if with_distance and (contact_weight > 0 or small_weight > 0):
+        pixel_weight = (1.0 + contact_weight * target[:, 2]) * (1.0 + small_weight * target[:, 3])
     if pixel_weight is None:
         total = F.cross_entropy(logits[:, :n_cls], classes, weight=weight)
     else:

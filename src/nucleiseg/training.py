@@ -54,6 +54,7 @@ class TrainConfig:
     boundary_weight: float = 3.0
     dice_weight: float = 0.0
     contact_weight: float = 0.0  # distance designs: extra loss weight where touching nuclei meet
+    small_weight: float = 0.0  # distance designs: extra loss weight on small nuclei and a ring around them
     contact_pos_weight: float = 20.0  # contact design: weight of contact pixels in its contact channel's loss (measured: 1 leaves it inert)
     init_model: str | None = None  # start from this model folder ('default': the bundled one), not ImageNet
     crops_per_image: int = 1
@@ -273,11 +274,15 @@ class SegmentationModule(L.LightningModule):
         union = (pred | true).sum().float()
         return {"acc": (pred == true).float().mean(), "iou": inter / union.clamp(min=1)}
 
+    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        return target_loss(logits, target, self.design, c.boundary_weight, c.dice_weight, c.contact_weight,
+                           c.contact_pos_weight, c.small_weight)
+
     def training_step(self, batch, batch_idx):
         x, y = batch
         logits = self(x)
-        loss = target_loss(logits, y, self.design, self.cfg.boundary_weight, self.cfg.dice_weight,
-                           self.cfg.contact_weight, self.cfg.contact_pos_weight)
+        loss = self._loss(logits, y)
         stats = self._pixel_stats(logits.detach(), y)
         bs = x.shape[0]
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
@@ -289,8 +294,7 @@ class SegmentationModule(L.LightningModule):
         x, y, labels = batch
         h, w = x.shape[-2:]
         logits = self(_pad(x))[..., :h, :w]
-        loss = target_loss(logits, y, self.design, self.cfg.boundary_weight, self.cfg.dice_weight,
-                           self.cfg.contact_weight, self.cfg.contact_pos_weight)
+        loss = self._loss(logits, y)
         stats = self._pixel_stats(logits, y)
         maps = probabilities(logits.float(), self.design)[0].cpu().numpy()
         from .metrics import dsb_score
