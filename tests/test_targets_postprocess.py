@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nucleiseg.metrics import dsb_score
-from nucleiseg.postprocess import instances, peak_markers, remove_small
+from nucleiseg.postprocess import instances, peak_markers, remove_small, remove_unsure
 from nucleiseg.synthetic import nuclei_image
 from nucleiseg.targets import (contact_map, contour_classes, encode, loss, n_channels, normalised_distance, probabilities,
                                small_nucleus_map)
@@ -103,6 +103,25 @@ def test_remove_small_and_relabel():
     out = remove_small(lab, 10)
     assert set(np.unique(out)) == {0, 1}
     assert (out == 1).sum() == 25
+
+
+@pytest.mark.parametrize("design", ["semantic", "distance"])
+def test_object_prob_drops_faint_objects_and_keeps_confident_ones(design):
+    """Two nuclei of the same shape, one the network is sure of (probability 0.95) and one it barely
+    sees (0.6): a 0.75 object threshold keeps only the first; 0 keeps both."""
+    lab = np.zeros((40, 80), np.int32)
+    yy, xx = np.mgrid[0:40, 0:80]
+    lab[(yy - 20) ** 2 + (xx - 20) ** 2 <= 64] = 1
+    lab[(yy - 20) ** 2 + (xx - 60) ** 2 <= 64] = 2
+    maps = perfect_maps(lab, "distance")
+    fg = np.where(lab == 1, 0.95, np.where(lab == 2, 0.6, 0.02)).astype(np.float32)
+    maps[0], maps[1] = 1 - fg, fg
+    if design == "semantic":
+        maps = maps[:2]
+    kept = instances(maps, design, {"min_size": 5, "object_prob": 0.75})
+    assert kept.max() == 1 and kept[20, 20] == 1 and kept[20, 60] == 0
+    assert instances(maps, design, {"min_size": 5, "object_prob": 0.0}).max() == 2
+    assert np.array_equal(remove_unsure(lab, fg, 0.5), lab)  # both above 0.5: nothing dropped
 
 
 def test_holes_inside_one_nucleus_are_filled_but_not_between_nuclei():

@@ -108,7 +108,7 @@ def _add_evaluate(sub) -> None:
 
 def _add_tune(sub) -> None:
     p = sub.add_parser("tune", help="tune a model's post-processing thresholds on annotated images",
-                       description="Search the mask / marker thresholds, peak height and minimum size that maximise "
+                       description="Search the mask / marker thresholds, peak height, minimum size and object probability that maximise "
                                    "the mean DSB2018 score on annotated images, and save them in the model folder "
                                    "(thresholds.json). Use images the model was not trained on.",
                        epilog="example: nucleiseg tune --model runs/dsb/model --data ../shared/data/dsb2018-stage1-train --subset val")
@@ -124,7 +124,7 @@ def cmd_tune(args) -> int:
     result = tune(Model.load(args.model), args.data, labels=args.labels, subset=args.subset, progress=not args.quiet)
     t = result["thresholds"]
     print(f"DSB score {result['before']:.4f} -> {t['tuned_dsb_score']:.4f}; thresholds mask {t['mask']}, marker {t['marker']}, "
-          f"min_size {t['min_size']}, peak_h {t['peak_h']} saved to {args.model}/thresholds.json")
+          f"min_size {t['min_size']}, peak_h {t['peak_h']}, object_prob {t['object_prob']} saved to {args.model}/thresholds.json")
     for problem in result["skipped"]:
         print(f"error: {problem}", file=sys.stderr)
     return 1 if result["skipped"] else 0
@@ -222,6 +222,8 @@ def _add_predict(sub) -> None:
     g.add_argument("--min-size", type=int, default=None, help="override the smallest nucleus kept (pixels)")
     g.add_argument("--peak-h", type=float, default=None,
                    help="override the model's seed peak height (0: one seed per region above the marker threshold)")
+    g.add_argument("--object-prob", type=float, default=None,
+                   help="override the model's object threshold: nuclei whose mean probability is below it are dropped (0: keep all)")
     g = p.add_argument_group("output")
     g.add_argument("--outputs", default="labels,mask,overlay,csv",
                    help="comma-separated: labels, mask, overlay, csv (per image) and rle (Kaggle CSV for the run)")
@@ -278,7 +280,7 @@ def _load_model(args):
 def _threshold_overrides(args) -> dict:
     """Thresholds given on the command line; they travel with the per-file options (also to Dask workers)."""
     overrides = {"mask": args.mask_threshold, "marker": args.marker_threshold, "min_size": args.min_size,
-                 "peak_h": args.peak_h}
+                 "peak_h": args.peak_h, "object_prob": args.object_prob}
     return {k: v for k, v in overrides.items() if v is not None}
 
 

@@ -36,13 +36,14 @@ def _score(maps: list[np.ndarray], labels: list[np.ndarray], design: str, thresh
 
 
 def tune_thresholds(maps: list[np.ndarray], labels: list[np.ndarray], design: str, start: dict | None = None) -> dict:
-    """Choose mask / marker thresholds, peak height and minimum size maximising the mean DSB score
+    """Choose mask / marker thresholds, peak height, minimum size and object probability maximising the mean DSB score
     (coordinate search from ``start``, default :data:`DEFAULT_THRESHOLDS`; never worse than ``start``)."""
     from .postprocess import DEFAULT_THRESHOLDS
 
     best = {**DEFAULT_THRESHOLDS, **{k: v for k, v in (start or {}).items() if k in DEFAULT_THRESHOLDS}}
     grid = {"mask": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8], "marker": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
             "min_size": [0, 5, 10, 15, 25, 40], "peak_h": [0.0, 0.1, 0.2, 0.3],
+            "object_prob": [0.0, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8],
             "contact": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]}
     if design != "contact":
         del grid["contact"]
