@@ -137,3 +137,21 @@ if [ ! -f runs/ft-split-small6/model/metrics.json ]; then
     --quiet 2> runs/ft-split-small6.time
 fi
 $NS evaluate --model runs/ft-split-small6/model --data "$DATA" --subset val -o runs/eval-ft-split-small6 --quiet
+# Stage 7: the object threshold (object_prob, tuned with the other thresholds since f86e14d; runs trained
+# before it were re-tuned on a copy, then packaged with benchmarks/package_default_model.py):
+if [ ! -f runs/ft-split-small3-op/model/thresholds.json ]; then
+  mkdir -p runs/ft-split-small3-op && cp -r runs/ft-split-small3/model runs/ft-split-small3-op/model
+  $NS tune --model runs/ft-split-small3-op/model --data "$DATA" --quiet
+fi
+$NS evaluate --model runs/ft-split-small3-op/model --data "$DATA" --subset val -o runs/eval-ft-split-small3-op --quiet
+# Stage 7 candidates (measured, not adopted): contact weight 2 and a foreground Dice loss, each on top of stage 6.
+for variant in "c2 --contact-weight 2" "dice --dice-weight 0.5"; do
+  set -- $variant
+  name=ft-split-small3-$1; shift
+  if [ ! -f runs/$name/model/metrics.json ]; then
+    /usr/bin/time -v $NS train --data "$DATA" --out runs/$name --init-model runs/ft-split-fullres/model \
+      --epochs 12 --lr 3e-4 --schedule cosine --crops-per-image 2 --type-balance 0.5 --small-weight 3 "$@" \
+      --quiet 2> runs/$name.time
+  fi
+  $NS evaluate --model runs/$name/model --data "$DATA" --subset val -o runs/eval-$name --quiet
+done
