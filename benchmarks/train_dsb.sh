@@ -155,3 +155,10 @@ for variant in "c2 --contact-weight 2" "dice --dice-weight 0.5"; do
   fi
   $NS evaluate --model runs/$name/model --data "$DATA" --subset val -o runs/eval-$name --quiet
 done
+# A second weighted cycle on top of stage 6 (measured, not adopted: lower than stage 6).
+if [ ! -f runs/ft2-split-small3/model/metrics.json ]; then
+  /usr/bin/time -v $NS train --data "$DATA" --out runs/ft2-split-small3 --init-model runs/ft-split-small3/model \
+    --epochs 12 --lr 2e-4 --schedule cosine --crops-per-image 2 --type-balance 0.5 --small-weight 3 \
+    --quiet 2> runs/ft2-split-small3.time
+fi
+$NS evaluate --model runs/ft2-split-small3/model --data "$DATA" --subset val -o runs/eval-ft2-split-small3 --quiet
