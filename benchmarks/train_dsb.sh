@@ -145,7 +145,8 @@ if [ ! -f runs/ft-split-small3-op/model/thresholds.json ]; then
 fi
 $NS evaluate --model runs/ft-split-small3-op/model --data "$DATA" --subset val -o runs/eval-ft-split-small3-op --quiet
 # Stage 7 candidates (measured, not adopted): contact weight 2 and a foreground Dice loss, each on top of stage 6.
-for variant in "c2 --contact-weight 2" "dice --dice-weight 0.5"; do
+# Stage 8 candidate (measured, not adopted): the distance map's loss weighted 3 times.
+for variant in "c2 --contact-weight 2" "dice --dice-weight 0.5" "d3 --distance-weight 3"; do
   set -- $variant
   name=ft-split-small3-$1; shift
   if [ ! -f runs/$name/model/metrics.json ]; then

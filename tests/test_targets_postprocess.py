@@ -215,6 +215,16 @@ def test_small_weight_counts_errors_on_small_nuclei_more():
     assert big_weighted == pytest.approx(big_plain, rel=0.15)  # the big one's ring-free pixels are unweighted
 
 
+
+def test_distance_weight_scales_only_the_distance_term():
+    lab = two_touching_discs()
+    target = torch.from_numpy(encode(lab, "distance"))[None]
+    fg = torch.where(target[0, 0] > 0, 2.0, -2.0)
+    logits = torch.stack([-fg, fg, torch.zeros_like(fg)])[None]  # classes right, distance flat at 0.5
+    class_only, one, three = (loss(logits, target, "distance", distance_weight=w).item() for w in (0.0, 1.0, 3.0))
+    assert one > class_only > 0
+    assert three - class_only == pytest.approx(3 * (one - class_only), rel=1e-5)
+
 def merged_peak_maps(contact_probability: float) -> np.ndarray:
     """Contact-design maps of two touching discs whose distance map has one merged peak (a blurred
     distance, as a network gives for nuclei it cannot tell apart), with the contact channel at

@@ -61,6 +61,8 @@ def _add_train(sub) -> None:
     g.add_argument("--small-weight", type=float, default=0.0,
                    help="distance designs: extra loss weight on small nuclei (full below 40 px, none from 160 px) "
                         "and a 2-pixel ring around them (0 = off)")
+    g.add_argument("--distance-weight", type=float, default=1.0,
+                   help="distance designs: weight of the distance map's loss (the watershed's seeds) against the class loss")
     g.add_argument("--full-res-channels", type=int, default=None,
                    help="channels of an extra full-resolution skip into the last decoder block (0 = none; "
                         "default: as the --init-model, else none)")
@@ -147,6 +149,7 @@ def cmd_train(args) -> int:
                           encoder_bn=args.encoder_bn,
                           precision=args.precision, patience=args.patience, boundary_weight=args.boundary_weight,
                           dice_weight=args.dice_weight, contact_weight=args.contact_weight, small_weight=args.small_weight,
+                          distance_weight=args.distance_weight,
                           contact_pos_weight=args.contact_pos_weight, full_res_channels=args.full_res_channels,
                           decoder_channels=args.decoder_channels, init_model=args.init_model, crops_per_image=args.crops_per_image,
                           type_balance=args.type_balance,

@@ -92,13 +92,15 @@ def encode(labels: np.ndarray, design: str) -> np.ndarray:
 
 def loss(logits: torch.Tensor, target: torch.Tensor, design: str, boundary_weight: float = 3.0,
          dice_weight: float = 0.0, contact_weight: float = 0.0, contact_pos_weight: float = 1.0,
-         small_weight: float = 0.0) -> torch.Tensor:
+         small_weight: float = 0.0, distance_weight: float = 1.0) -> torch.Tensor:
     """Cross-entropy (class-weighted for boundaries) + optional Dice on foreground, + distance BCE.
 
     ``contact_weight`` (distance designs): pixels of the contact map count ``1 + contact_weight`` times
     in the cross-entropy and the distance loss (like U-Net's border weights for touching cells).
     ``small_weight`` (distance designs): small nuclei and a ring around them count up to
     ``1 + small_weight`` times (the small-nucleus map), so missing them costs as much as missing big ones.
+    ``distance_weight`` (distance designs): weight of the distance map's loss against the class loss; the
+    distance map seeds the watershed, so its peaks and saddles decide which touching nuclei are split.
     The contact design adds a binary cross-entropy of its contact channel against the contact map, its
     positive (contact) pixels counting ``contact_pos_weight`` times: they are only ~0.4% of all pixels.
     """
@@ -124,7 +126,8 @@ def loss(logits: torch.Tensor, target: torch.Tensor, design: str, boundary_weigh
         dice = (2 * inter + 1) / (fg.sum() + true_fg.sum() + 1)
         total = total + dice_weight * (1 - dice)
     if with_distance:
-        total = total + F.binary_cross_entropy_with_logits(logits[:, 2], target[:, 1], weight=pixel_weight)
+        total = total + distance_weight * F.binary_cross_entropy_with_logits(logits[:, 2], target[:, 1],
+                                                                             weight=pixel_weight)
     if design == "contact":
         pos_weight = torch.tensor(contact_pos_weight, device=logits.device)
         total = total + F.binary_cross_entropy_with_logits(logits[:, 3], target[:, 2], pos_weight=pos_weight)
