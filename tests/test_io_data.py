@@ -112,3 +112,30 @@ def test_read_labels_rejects_negative(tmp_path):
     path = write(tmp_path / "neg.tif", np.array([[-1, 0], [0, 2]] * 8, np.int16).reshape(8, 4))
     with pytest.raises(ImageError):
         read_labels(path)
+
+
+@pytest.mark.parametrize("strength", ["basic", "strong"])
+def test_augmented_crops_keep_image_and_labels_aligned(strength):
+    """Geometric augmentation moves image and labels together: a nucleus's pixels stay brighter than
+    the background in every crop, and labels stay whole ids of the source image."""
+    from nucleiseg.data import SegmentationDataset
+
+    image, labels = nuclei_image((320, 320), n=40, seed=1)
+    image = normalize(image)
+    ds = SegmentationDataset([("syn", image, labels)], "distance", crop=128, augment=strength)
+    ds.transform.set_random_seed(0)
+    for _ in range(20):
+        out = ds.transform(image=image, mask=labels)
+        crop, lab = out["image"], out["mask"]
+        assert crop.shape == (128, 128, 3) and lab.shape == (128, 128)
+        assert set(np.unique(lab)) <= set(np.unique(labels))
+        if (lab > 0).sum() > 200 and (lab == 0).sum() > 200:
+            grey = crop.mean(axis=2)
+            assert grey[lab > 0].mean() > grey[lab == 0].mean() + 0.1
+
+
+def test_unknown_augmentation_is_refused():
+    from nucleiseg.data import augmentation
+
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        augmentation(64, "heavy")

@@ -47,6 +47,9 @@ def _add_train(sub) -> None:
                    help="epochs to train (default 40); with --resume, extend a run to this many epochs")
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--crop", type=int, default=256, help="random crop size at native resolution")
+    g.add_argument("--augment", default="basic", choices=["basic", "strong"],
+                   help="augmentation: basic (scale 0.75-1.25x, flips, rot90, brightness/contrast, channel shuffle) or "
+                        "strong (also scale 0.5-1.5x, any rotation, blur, noise, per-channel gain)")
     g.add_argument("--crops-per-image", type=int, default=1, help="random crops per training image per epoch")
     g.add_argument("--type-balance", type=float, default=0.0,
                    help="> 0: crops per image proportional to (frequency of its type: fluorescence, brightfield, "
@@ -143,7 +146,7 @@ def cmd_train(args) -> int:
             raise SystemExit("nucleiseg train: --data is required (or --resume RUN)")
         cfg = TrainConfig(data=args.data, out=args.out, design=args.design, labels=args.labels,
                           epochs=args.epochs or TrainConfig.epochs,
-                          batch_size=args.batch_size, crop=args.crop, lr=args.lr, schedule=args.schedule,
+                          batch_size=args.batch_size, crop=args.crop, augment=args.augment, lr=args.lr, schedule=args.schedule,
                           val_fraction=args.val_fraction,
                           seed=args.seed, encoder_weights=args.encoder_weights, freeze_encoder=args.freeze_encoder,
                           encoder_bn=args.encoder_bn,

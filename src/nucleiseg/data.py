@@ -142,32 +142,52 @@ def split(names: list[str], val_fraction: float = 0.2, seed: int = 0) -> tuple[l
     return train, val
 
 
-def augmentation(crop: int, scale: float = 0.25, intensity: float = 0.2):
-    """Albumentations pipeline: random scale, crop at native resolution, flips/rot90, brightness/contrast."""
+AUGMENTATIONS = ("basic", "strong")
+
+
+def augmentation(crop: int, strength: str = "basic", scale: float = 0.25, intensity: float = 0.2):
+    """Albumentations pipeline: random scale, crop at native resolution, flips/rot90, brightness/contrast.
+
+    ``strong`` adds what differs between microscopes and stains beyond that: a wider scale range (0.5-1.5x),
+    rotation by any angle, blur, camera noise and a per-channel gain (stain colour balance).
+    """
     import albumentations as A
     import cv2
 
+    if strength not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {strength!r}; choose from {', '.join(AUGMENTATIONS)}")
+    strong = strength == "strong"
+    geometry = [A.RandomScale(scale_limit=0.5 if strong else scale, interpolation=cv2.INTER_LINEAR,
+                              mask_interpolation=cv2.INTER_NEAREST, p=0.5)]
+    if strong:
+        geometry.append(A.Affine(rotate=(-180, 180), interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST,
+                                 border_mode=cv2.BORDER_REFLECT_101, p=0.3))
+    pixels = [A.RandomBrightnessContrast(brightness_limit=intensity, contrast_limit=intensity, p=0.5),
+              A.ChannelShuffle(p=0.2)]
+    if strong:
+        pixels += [A.MultiplicativeNoise(multiplier=(0.8, 1.2), per_channel=True, p=0.3),
+                   A.GaussianBlur(sigma_limit=(0.3, 1.2), p=0.2),
+                   A.GaussNoise(std_range=(0.01, 0.05), p=0.2)]
     return A.Compose([
-        A.RandomScale(scale_limit=scale, interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST, p=0.5),
+        *geometry,
         A.PadIfNeeded(crop, crop, border_mode=cv2.BORDER_REFLECT_101),
         A.RandomCrop(crop, crop),
         A.HorizontalFlip(), A.VerticalFlip(), A.RandomRotate90(),
-        A.RandomBrightnessContrast(brightness_limit=intensity, contrast_limit=intensity, p=0.5),
-        A.ChannelShuffle(p=0.2),
+        *pixels,
     ])
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
     """Images and labels decoded once and cached in RAM; targets built after augmentation.
 
-    With ``crop`` set, each item is an augmented random crop (training); otherwise the whole image
-    (validation), padded later by the collate function.
+    With ``crop`` set, each item is a random crop (training), augmented as ``augment`` names (None: not
+    augmented); otherwise the whole image (validation), padded later by the collate function.
     """
 
     def __init__(self, items: list[tuple[str, np.ndarray, np.ndarray]], design: str, crop: int | None = None,
-                 augment: bool = True):
+                 augment: str | None = "basic"):
         self.items, self.design, self.crop = items, design, crop
-        self.transform = augmentation(crop) if crop and augment else None
+        self.transform = augmentation(crop, augment) if crop and augment else None
 
     def __len__(self) -> int:
         return len(self.items)
