@@ -163,3 +163,15 @@ if [ ! -f runs/ft2-split-small3/model/metrics.json ]; then
     --quiet 2> runs/ft2-split-small3.time
 fi
 $NS evaluate --model runs/ft2-split-small3/model --data "$DATA" --subset val -o runs/eval-ft2-split-small3 --quiet
+# Stage 9 (measured, none adopted): the stage-6 recipe in one run from ImageNet (36 epochs, lr 1e-3 cosine),
+# plain, with the encoder's BatchNorm statistics re-estimated, and with the strong augmentation.
+for variant in "plain" "bn --encoder-bn train" "strong --augment strong"; do
+  set -- $variant
+  name=one-split-36$([ $1 = plain ] || echo -$1); shift
+  if [ ! -f runs/$name/model/metrics.json ]; then
+    /usr/bin/time -v $NS train --data "$DATA" --out runs/$name --full-res-channels 16 --epochs 36 --lr 1e-3 \
+      --schedule cosine --crops-per-image 2 --type-balance 0.5 --small-weight 3 --patience 36 \
+      --encoder-weights "$WEIGHTS" "$@" --quiet 2> runs/$name.time
+  fi
+  $NS evaluate --model runs/$name/model --data "$DATA" --subset val -o runs/eval-$name --quiet
+done
