@@ -25,6 +25,8 @@ def perfect_maps(labels: np.ndarray, design: str) -> np.ndarray:
     t = encode(labels, design)
     if design == "distance":
         return np.stack([1 - t[0], t[0], t[1]])
+    if design == "flow":
+        return np.stack([1 - t[0], t[0], t[1], t[4], t[5]])
     return np.eye(n_channels(design), dtype=np.float32)[t[0].astype(int)].transpose(2, 0, 1)
 
 
@@ -52,7 +54,7 @@ def main() -> None:
     rows = {}
     for name, image, labels in items:
         kind = image_type(image)
-        preds = {f"perfect {d}": instances(perfect_maps(labels, d), d, {"min_size": 0}) for d in ("semantic", "contour", "distance")}
+        preds = {f"perfect {d}": instances(perfect_maps(labels, d), d, {"min_size": 0}) for d in ("semantic", "contour", "distance", "flow")}
         preds["otsu + distance watershed"] = otsu_watershed(image)
         for method, pred in preds.items():
             m = instance_metrics(labels, pred)

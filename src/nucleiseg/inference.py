@@ -58,8 +58,9 @@ class OnnxRunner:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, np.float32)})[0]
 
 
-def _run_padded(runner: Runner, image: np.ndarray, tta: bool) -> np.ndarray:
-    """Maps (C, H, W) for one normalised (H, W, 3) image that fits in one pass; TTA averages 4 flips."""
+def _run_padded(runner: Runner, image: np.ndarray, tta: bool, vectors: tuple[int, int] | None = None) -> np.ndarray:
+    """Maps (C, H, W) for one normalised (H, W, 3) image that fits in one pass; TTA averages 4 flips
+    (``vectors``: the (y, x) channels of a vector field, whose components a flip negates)."""
     padded, (h, w) = pad_to_multiple(image, STRIDE)
     x = np.ascontiguousarray(padded.transpose(2, 0, 1)[None], np.float32)
     if not tta:
@@ -70,6 +71,10 @@ def _run_padded(runner: Runner, image: np.ndarray, tta: bool) -> np.ndarray:
         xf = np.flip(x, axes) if axes else x
         out = runner(np.ascontiguousarray(xf))
         out = np.flip(out, axes) if axes else out
+        if vectors is not None and axes:
+            out = out.copy()
+            for axis in axes:  # axis 2 flips y, axis 3 flips x
+                out[:, vectors[axis - 2]] *= -1
         total = out if total is None else total + out
     return (total / len(flips))[0, :, :h, :w]
 
@@ -103,8 +108,9 @@ def tile_starts(size: int, tile: int, overlap: int) -> tuple[list[int], int]:
 
 
 def predict_maps(runner: Runner, image: np.ndarray, tile_size: int = TILE_SIZE, overlap: int = TILE_OVERLAP,
-                 tta: bool = False) -> np.ndarray:
-    """Probability maps (C, H, W) float32 for a normalised (H, W, 3) image of any size.
+                 tta: bool = False, vectors: tuple[int, int] | None = None) -> np.ndarray:
+    """Probability maps (C, H, W) float32 for a normalised (H, W, 3) image of any size
+    (``vectors``: see :func:`_run_padded`).
 
     Images larger than ``tile_size`` are cut into the fewest overlapping tiles of at most that size,
     whose maps are blended with linear ramps before post-processing, so nuclei on tile borders are
@@ -112,7 +118,7 @@ def predict_maps(runner: Runner, image: np.ndarray, tile_size: int = TILE_SIZE, 
     """
     h, w = image.shape[:2]
     if h <= tile_size and w <= tile_size:
-        return _run_padded(runner, image, tta)
+        return _run_padded(runner, image, tta, vectors)
     tile_size = max(STRIDE, tile_size - tile_size % STRIDE)
     overlap = min(overlap, tile_size // 2)
     acc, weight = None, np.zeros((h, w), np.float32)
@@ -121,7 +127,7 @@ def predict_maps(runner: Runner, image: np.ndarray, tile_size: int = TILE_SIZE, 
     for y in ys:
         for x in xs:
             tile = image[y:y + th_tile, x:x + tw_tile]
-            maps = _run_padded(runner, tile, tta)
+            maps = _run_padded(runner, tile, tta, vectors)
             th, tw = tile.shape[:2]
             # no ramp on the image's own edges: only where a neighbouring tile exists
             wy = _ramp(th, overlap if h > tile_size else 0)

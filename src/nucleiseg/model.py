@@ -23,7 +23,7 @@ from .inference import TILE_OVERLAP, TILE_SIZE, MapsNet, OnnxRunner, TorchRunner
 from .io import read_image
 from .network import DEFAULT_DECODER, STRIDE, UNet
 from .postprocess import DEFAULT_THRESHOLDS, instances
-from .targets import DESIGNS, n_channels
+from .targets import DESIGNS, n_channels, vector_channels
 from .transforms import DEFAULT_NORMALIZATION, normalize
 
 FORMAT = "nucleiseg-model"
@@ -39,7 +39,8 @@ AUTO_ZOOM_ABOVE = 2.5
 AUTO_MIN_NUCLEI = 5  # fewer nuclei in the first pass (small images: neighbours merge there) measure nothing
 CLASS_NAMES = {"semantic": ["background", "nucleus"], "contour": ["background", "interior", "boundary"],
                "distance": ["background", "nucleus", "distance"],
-               "contact": ["background", "nucleus", "distance", "contact"]}
+               "contact": ["background", "nucleus", "distance", "contact"],
+               "flow": ["background", "nucleus", "distance", "flow_y", "flow_x"]}
 
 
 class ModelError(ValueError):
@@ -237,7 +238,7 @@ class Model:
         """Probability maps for an image already normalised with this model's settings (H, W, 3)."""
         inf = self.config.get("inference", {})
         return predict_maps(self._runner, image, tile_size=tile_size or inf.get("tile_size", TILE_SIZE),
-                            overlap=inf.get("tile_overlap", TILE_OVERLAP), tta=tta)
+                            overlap=inf.get("tile_overlap", TILE_OVERLAP), tta=tta, vectors=vector_channels(self.design))
 
     def rescale_factor(self, diameter: float | None) -> float:
         """Image zoom that brings nuclei of ``diameter`` pixels to the size the model was trained on."""

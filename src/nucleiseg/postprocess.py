@@ -9,7 +9,9 @@ one nucleus), ``min_size`` (smallest nucleus kept, pixels), ``peak_h`` (0: every
 the seed regions where touching nuclei meet; the watershed then floods the seed map times
 (1 - contact probability), so borders between nuclei follow the predicted contacts), ``object_prob``
 (objects whose mean nucleus probability is below it are dropped, like StarDist's object probability
-threshold: faint specks and spurious blobs score lower than real nuclei; 0 keeps every object).
+threshold: faint specks and spurious blobs score lower than real nuclei; 0 keeps every object),
+``flow_seed`` (flow design: a centre needs at least this many pixels' flow paths ending within its
+3x3 neighbourhood to seed a nucleus).
 """
 from __future__ import annotations
 
@@ -19,8 +21,11 @@ from skimage.measure import label as connected_components
 from skimage.morphology import h_maxima
 from skimage.segmentation import relabel_sequential, watershed
 
-DEFAULT_THRESHOLDS = {"mask": 0.5, "marker": 0.5, "min_size": 15, "peak_h": 0.0, "contact": 0.5, "object_prob": 0.0}
+DEFAULT_THRESHOLDS = {"mask": 0.5, "marker": 0.5, "min_size": 15, "peak_h": 0.0, "contact": 0.5, "object_prob": 0.0,
+                      "flow_seed": 10}
 SEED_SMOOTHING = 1.0  # sigma (pixels) of the Gaussian applied to the seed map before finding peaks
+FLOW_STEPS = 100  # most steps (one pixel each) followed along the flows: nuclei up to ~200 pixels across
+SETTLE_STEPS = 10  # a flow path that moved less than a pixel in this many steps has arrived
 
 
 def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
@@ -56,12 +61,14 @@ def instances(maps: np.ndarray, design: str, thresholds: dict | None = None) -> 
         return remove_small(labels, int(t["min_size"])).astype(np.int32)
     if design == "contour":
         seed_map = maps[1]  # interior probability: high in nucleus centres, low on shared borders
-    elif design in ("distance", "contact"):
+    elif design in ("distance", "contact", "flow"):
         seed_map = maps[2]
     else:
         raise ValueError(f"unknown target design {design!r}")
     seed_region = mask & (maps[3] <= t["contact"]) if design == "contact" else mask
-    if t["peak_h"] > 0:
+    if design == "flow":
+        markers = flow_markers(maps[3:5], mask, int(t["flow_seed"]))
+    elif t["peak_h"] > 0:
         seed_map = ndi.gaussian_filter(seed_map.astype(np.float32), SEED_SMOOTHING)
         markers = peak_markers(seed_map, seed_region, t["peak_h"], t["marker"])
     else:
@@ -77,6 +84,46 @@ def instances(maps: np.ndarray, design: str, thresholds: dict | None = None) -> 
         labels[orphans > 0] = orphans[orphans > 0] + labels.max()
     labels = remove_unsure(_fill_holes_per_object(labels), fg, t["object_prob"])
     return remove_small(labels, int(t["min_size"])).astype(np.int32)
+
+
+def follow_flows(flows: np.ndarray, mask: np.ndarray, steps: int = FLOW_STEPS) -> tuple[np.ndarray, np.ndarray]:
+    """Where each pixel of ``mask`` ends after following the flow field (2, H, W) up to one pixel per
+    step: (pixel indices (2, N), end points (2, N) rounded to pixels). A path that moved less than one
+    pixel over the last ``SETTLE_STEPS`` steps has arrived (it circles its centre) and is not followed further."""
+    h, w = mask.shape
+    start = np.stack(np.nonzero(mask))
+    pos = start.astype(np.float32)
+    end = start.copy()
+    active = np.arange(start.shape[1])
+    before = pos.copy()
+    for step in range(1, steps + 1):
+        at = end[:, active]
+        p = pos[:, active] + flows[:, at[0], at[1]]
+        p[0] = np.clip(p[0], 0, h - 1)
+        p[1] = np.clip(p[1], 0, w - 1)
+        pos[:, active] = p
+        end[:, active] = np.rint(p).astype(np.int64)
+        if step % SETTLE_STEPS == 0:
+            moving = np.hypot(*(p - before)) >= 1.0
+            active, before = active[moving], p[:, moving]
+            if active.size == 0:
+                break
+    return start, end
+
+
+def flow_markers(flows: np.ndarray, mask: np.ndarray, min_count: int) -> np.ndarray:
+    """Labels (H, W) for the pixels of ``mask`` whose flow paths end at a common centre: centres are the
+    connected places where at least ``min_count`` paths end within a 3x3 window (Cellpose's flow
+    dynamics); pixels whose paths end elsewhere stay 0, for the watershed to assign."""
+    labels = np.zeros(mask.shape, np.int32)
+    if not mask.any():
+        return labels
+    start, end = follow_flows(flows, mask)
+    counts = np.bincount(np.ravel_multi_index(end, mask.shape), minlength=mask.size).reshape(mask.shape)
+    near = ndi.uniform_filter(counts.astype(np.float32), size=3) * 9
+    centres = connected_components(near >= max(min_count, 1) - 0.5, connectivity=2)
+    labels[start[0], start[1]] = centres[end[0], end[1]]
+    return labels
 
 
 def peak_markers(seed_map: np.ndarray, region: np.ndarray, h: float, floor: float = 0.0) -> np.ndarray:

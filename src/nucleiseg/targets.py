@@ -12,6 +12,10 @@ that :mod:`nucleiseg.postprocess` converts back into instances.
 - ``contact``: the distance design plus a fourth channel predicting that contact map; post-processing
   cuts the seed regions along predicted contacts, so touching nuclei with one merged distance peak
   still get one seed each (the DSB2018 winners' mask + separation-border idea).
+- ``flow``: the distance design plus two channels predicting, at each nucleus pixel, the unit vector
+  pointing to its nucleus's centre (Cellpose's idea, with straight lines to the centre in place of a
+  diffusion: nuclei are nearly convex). Post-processing follows the vectors from every pixel; pixels that
+  end at the same centre form one nucleus, so touching nuclei split even where their distance maps merge.
 """
 from __future__ import annotations
 
@@ -21,12 +25,13 @@ import torch.nn.functional as F
 from scipy import ndimage as ndi
 from skimage.segmentation import expand_labels, find_boundaries
 
-DESIGNS = ("semantic", "contour", "distance", "contact")
+DESIGNS = ("semantic", "contour", "distance", "contact", "flow")
+WITH_DISTANCE = ("distance", "contact", "flow")
 
 
 def n_channels(design: str) -> int:
     """Network output channels needed by a target design."""
-    return {"semantic": 2, "contour": 3, "distance": 3, "contact": 4}[_check(design)]
+    return {"semantic": 2, "contour": 3, "distance": 3, "contact": 4, "flow": 5}[_check(design)]
 
 
 def _check(design: str) -> str:
@@ -42,19 +47,38 @@ def contour_classes(labels: np.ndarray) -> np.ndarray:
     return classes
 
 
-def normalised_distance(labels: np.ndarray) -> np.ndarray:
-    """Distance of each nucleus pixel to its own border, divided by the nucleus's maximum (0..1)."""
-    dist = np.zeros(labels.shape, np.float32)
+def _objects(labels: np.ndarray):
+    """Per nucleus: (its bounding box with a 1-pixel margin, its mask there, its distance to its border there)."""
     for sl_index, sl in enumerate(ndi.find_objects(labels), start=1):
         if sl is None:
             continue
         sl = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
         obj = labels[sl] == sl_index
-        d = ndi.distance_transform_edt(obj)
+        yield sl, obj, ndi.distance_transform_edt(obj)
+
+
+def normalised_distance(labels: np.ndarray) -> np.ndarray:
+    """Distance of each nucleus pixel to its own border, divided by the nucleus's maximum (0..1)."""
+    dist = np.zeros(labels.shape, np.float32)
+    for sl, obj, d in _objects(labels):
         peak = d.max()
         if peak > 0:
             dist[sl][obj] = d[obj] / peak
     return dist
+
+
+def centre_flows(labels: np.ndarray) -> np.ndarray:
+    """(2, H, W) unit vectors (y, x) from each nucleus pixel to its nucleus's centre, the pixel farthest
+    from its border (always inside the nucleus, unlike the centroid); 0 at centres and on background."""
+    flows = np.zeros((2, *labels.shape), np.float32)
+    for sl, obj, d in _objects(labels):
+        cy, cx = np.unravel_index(np.argmax(d), d.shape)
+        ys, xs = np.nonzero(obj)
+        vy, vx = cy - ys, cx - xs
+        norm = np.maximum(np.hypot(vy, vx), 1e-6)
+        flows[0][sl][ys, xs] = vy / norm
+        flows[1][sl][ys, xs] = vx / norm
+    return flows
 
 
 def contact_map(labels: np.ndarray, radius: int = 2) -> np.ndarray:
@@ -80,19 +104,22 @@ def small_nucleus_map(labels: np.ndarray, full: float = 40.0, none: float = 160.
 def encode(labels: np.ndarray, design: str) -> np.ndarray:
     """Per-pixel targets (T, H, W) float32 for an instance label image (0 = background).
 
-    Distance designs: nucleus mask, normalised distance, contact map, small-nucleus map."""
+    Distance designs: nucleus mask, normalised distance, contact map, small-nucleus map (+ the flow
+    design's two centre-flow channels)."""
     design = _check(design)
     if design == "semantic":
         return (labels > 0).astype(np.float32)[None]
     if design == "contour":
         return contour_classes(labels).astype(np.float32)[None]
-    return np.stack([(labels > 0).astype(np.float32), normalised_distance(labels), contact_map(labels),
-                     small_nucleus_map(labels)])
+    maps = [(labels > 0).astype(np.float32), normalised_distance(labels), contact_map(labels), small_nucleus_map(labels)]
+    if design == "flow":
+        maps += list(centre_flows(labels))
+    return np.stack(maps)
 
 
 def loss(logits: torch.Tensor, target: torch.Tensor, design: str, boundary_weight: float = 3.0,
          dice_weight: float = 0.0, contact_weight: float = 0.0, contact_pos_weight: float = 1.0,
-         small_weight: float = 0.0, distance_weight: float = 1.0) -> torch.Tensor:
+         small_weight: float = 0.0, distance_weight: float = 1.0, flow_weight: float = 1.0) -> torch.Tensor:
     """Cross-entropy (class-weighted for boundaries) + optional Dice on foreground, + distance BCE.
 
     ``contact_weight`` (distance designs): pixels of the contact map count ``1 + contact_weight`` times
@@ -103,6 +130,8 @@ def loss(logits: torch.Tensor, target: torch.Tensor, design: str, boundary_weigh
     distance map seeds the watershed, so its peaks and saddles decide which touching nuclei are split.
     The contact design adds a binary cross-entropy of its contact channel against the contact map, its
     positive (contact) pixels counting ``contact_pos_weight`` times: they are only ~0.4% of all pixels.
+    The flow design adds ``flow_weight`` times the squared error of its (tanh) flow channels against the
+    centre flows, averaged over nucleus pixels (background has no centre), weighted like the rest.
     """
     design = _check(design)
     logits = logits.float()
@@ -111,7 +140,7 @@ def loss(logits: torch.Tensor, target: torch.Tensor, design: str, boundary_weigh
     weight = None
     if design == "contour":
         weight = torch.tensor([1.0, 1.0, boundary_weight], device=logits.device)
-    with_distance = design in ("distance", "contact")
+    with_distance = design in WITH_DISTANCE
     pixel_weight = None
     if with_distance and (contact_weight > 0 or small_weight > 0):
         pixel_weight = (1.0 + contact_weight * target[:, 2]) * (1.0 + small_weight * target[:, 3])
@@ -131,15 +160,27 @@ def loss(logits: torch.Tensor, target: torch.Tensor, design: str, boundary_weigh
     if design == "contact":
         pos_weight = torch.tensor(contact_pos_weight, device=logits.device)
         total = total + F.binary_cross_entropy_with_logits(logits[:, 3], target[:, 2], pos_weight=pos_weight)
+    if design == "flow":
+        error = ((torch.tanh(logits[:, 3:5]) - target[:, 4:6]) ** 2).sum(1) * target[:, 0]
+        if pixel_weight is not None:
+            error = error * pixel_weight
+        total = total + flow_weight * error.sum() / target[:, 0].sum().clamp(min=1.0)
     return total
 
 
 def probabilities(logits: torch.Tensor, design: str) -> torch.Tensor:
     """Logits (N, C, H, W) -> probability maps (N, C, H, W) that post-processing reads."""
     design = _check(design)
-    if design in ("distance", "contact"):
+    if design == "flow":
+        return torch.cat([torch.softmax(logits[:, :2], dim=1), torch.sigmoid(logits[:, 2:3]), torch.tanh(logits[:, 3:5])], dim=1)
+    if design in WITH_DISTANCE:
         return torch.cat([torch.softmax(logits[:, :2], dim=1), torch.sigmoid(logits[:, 2:])], dim=1)
     return torch.softmax(logits, dim=1)
+
+
+def vector_channels(design: str) -> tuple[int, int] | None:
+    """Indices (y, x) of the maps that are vectors, whose sign a flip reverses (flip TTA), or None."""
+    return (3, 4) if _check(design) == "flow" else None
 
 
 def foreground(maps: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:

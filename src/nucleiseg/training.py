@@ -57,6 +57,7 @@ class TrainConfig:
     contact_weight: float = 0.0  # distance designs: extra loss weight where touching nuclei meet
     small_weight: float = 0.0  # distance designs: extra loss weight on small nuclei and a ring around them
     distance_weight: float = 1.0  # distance designs: weight of the distance map's loss against the class loss
+    flow_weight: float = 1.0  # flow design: weight of the centre flows' squared error
     contact_pos_weight: float = 20.0  # contact design: weight of contact pixels in its contact channel's loss (measured: 1 leaves it inert)
     init_model: str | None = None  # start from this model folder ('default': the bundled one), not ImageNet
     crops_per_image: int = 1
@@ -279,7 +280,7 @@ class SegmentationModule(L.LightningModule):
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         c = self.cfg
         return target_loss(logits, target, self.design, c.boundary_weight, c.dice_weight, c.contact_weight,
-                           c.contact_pos_weight, c.small_weight, c.distance_weight)
+                           c.contact_pos_weight, c.small_weight, c.distance_weight, c.flow_weight)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
