@@ -147,28 +147,32 @@ def test_fine_tuning_keeps_the_initial_models_architecture(trained, tmp_path):
 def test_a_distance_model_starts_a_contact_model_with_its_outputs_unchanged(tmp_path):
     import torch
 
-    from nucleiseg.model import make_config
+    from nucleiseg.model import build_network, make_config
     from nucleiseg.targets import probabilities
     from nucleiseg.training import SegmentationModule
 
-    bundled = Model.load()
-    assert bundled.design == "distance"
-    full_res = bundled.config["architecture"].get("full_res_channels", 0)
-    module = SegmentationModule(make_config("contact", full_res_channels=full_res), {"data": "", "init_model": "default"})
+    distance_config = make_config("distance", full_res_channels=8)
+    torch.manual_seed(0)
+    net = build_network(distance_config).eval()
+    with torch.no_grad():  # a head that does not output zeros, as a trained one
+        net.head.bias.copy_(torch.tensor([0.5, -0.5, 0.2]))
+    distance = Model(net, distance_config, {"mask": 0.5, "marker": 0.5, "min_size": 5})
+    distance_dir = distance.save(tmp_path / "distance")
+    module = SegmentationModule(make_config("contact", full_res_channels=8), {"data": "", "init_model": str(distance_dir)})
     assert module.init_weights().endswith("(+ a new contact channel)")
     image, _ = nuclei_image((64, 64), n=4, seed=5)
     x = torch.from_numpy(image.astype(np.float32) / image.max()).expand(1, 3, 64, 64)
     with torch.no_grad():
         ours = probabilities(module.net.eval()(x), "contact")
-        theirs = probabilities(bundled.net(x), "distance")
+        theirs = probabilities(distance.net(x), "distance")
     assert ours.shape[1] == 4 and torch.allclose(ours[:, :3], theirs, atol=1e-6)
     assert torch.allclose(ours[:, 3], torch.full_like(ours[:, 3], 0.05), atol=1e-6)  # the new channel's prior
-    # the other way round (a contact model into a distance run) is refused
-    contact_dir = Model(module.net, make_config("contact", full_res_channels=full_res), bundled.thresholds).save(tmp_path / "contact")
     # with a contact channel that marks nothing yet, the contact model segments as its distance parent
+    contact_dir = Model(module.net, make_config("contact", full_res_channels=8), distance.thresholds).save(tmp_path / "contact")
     reloaded = Model.load(contact_dir)
-    assert np.array_equal(reloaded.predict(image), bundled.predict(image))
-    back = SegmentationModule(make_config("distance", full_res_channels=full_res), {"data": "", "init_model": str(contact_dir)})
+    assert np.array_equal(reloaded.predict(image), Model.load(distance_dir).predict(image))
+    # the other way round (a contact model into a distance run) is refused
+    back = SegmentationModule(make_config("distance", full_res_channels=8), {"data": "", "init_model": str(contact_dir)})
     with pytest.raises(ValueError, match="design"):
         back.init_weights()
 
