@@ -129,7 +129,8 @@ def test_fine_tuning_keeps_the_initial_models_architecture(trained, tmp_path):
     data = json.loads((run / "train_config.json").read_text())["data"]
     cfg = TrainConfig(data=data, out=str(tmp_path / "ft"), epochs=1, batch_size=4, crop=96, max_images=6,
                       encoder_weights="none", init_model="default", progress=False, previews=0)
-    tuned = Model.load(train(cfg))  # no full_res_channels given: the bundled model's is kept
+    tuned = Model.load(train(cfg))  # no design or full_res_channels given: the bundled model's are kept
+    assert tuned.design == read_config("default")["design"]
     bundled = read_config("default")["architecture"].get("full_res_channels", 0)
     assert tuned.config["architecture"].get("full_res_channels", 0) == bundled
     assert json.loads((tmp_path / "ft" / "train_config.json").read_text())["full_res_channels"] == bundled

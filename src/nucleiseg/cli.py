@@ -33,9 +33,10 @@ def _add_train(sub) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed for the split and the augmentation")
     g.add_argument("--max-images", type=int, default=None, help="use only the first N images (quick runs)")
     g = p.add_argument_group("model")
-    g.add_argument("--design", default="distance", choices=["semantic", "contour", "distance", "contact", "flow"],
-                   help="training targets: distance (mask + distance to border; default), contact (distance + where "
-                        "touching nuclei meet), contour (interior/boundary), semantic mask")
+    g.add_argument("--design", default=None, choices=["semantic", "contour", "distance", "contact", "flow"],
+                   help="training targets: distance (mask + distance to border; default), flow (distance + unit "
+                        "vectors to each nucleus's centre), contact (distance + where touching nuclei meet), "
+                        "contour (interior/boundary), semantic mask; default: as the --init-model, else distance")
     g.add_argument("--encoder-weights", default="imagenet",
                    help="'imagenet' (download torchvision's checkpoint), a .safetensors/.pth file, or 'none'")
     g.add_argument("--freeze-encoder", action="store_true", help="keep the pretrained encoder fixed")

@@ -28,6 +28,7 @@ from .targets import foreground, loss as target_loss, probabilities
 from .weights import load_encoder_weights
 
 log = logging.getLogger(__name__)
+DEFAULT_DESIGN = "distance"  # measured best of the instance designs (benchmarks/RESULTS.md)
 
 
 @dataclass
@@ -36,7 +37,7 @@ class TrainConfig:
 
     data: str
     out: str = "runs/nucleiseg"
-    design: str = "distance"  # measured best of the instance designs (benchmarks/RESULTS.md)
+    design: str | None = None  # None: the --init-model's design, else DEFAULT_DESIGN
     labels: str | None = None
     epochs: int = 40
     batch_size: int = 8
@@ -417,7 +418,10 @@ def train(cfg: TrainConfig, resume: bool = False, epochs: int | None = None) -> 
     elif (run_dir / "checkpoints" / "last.ckpt").exists():
         raise FileExistsError(f"{run_dir}: holds an earlier run; use --resume to continue it or choose another --out")
     # architecture defaults: as the model fine-tuned from, else the plain recipe
-    arch = read_config(cfg.init_model)["architecture"] if cfg.init_model else {}
+    init_config = read_config(cfg.init_model) if cfg.init_model else {}
+    arch = init_config.get("architecture", {})
+    if cfg.design is None:
+        cfg = replace(cfg, design=init_config.get("design", DEFAULT_DESIGN))
     if cfg.full_res_channels is None:
         cfg = replace(cfg, full_res_channels=arch.get("full_res_channels", 0))
     if cfg.decoder_channels is None:
