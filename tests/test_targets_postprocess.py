@@ -324,3 +324,13 @@ def test_flow_loss_scores_the_flow_channels_on_nuclei_only():
     assert loss(good, target, "flow") < loss(reversed_, target, "flow")
     assert torch.isclose(loss(background_only, target, "flow"), loss(good, target, "flow"))
     assert torch.isclose(loss(reversed_, target, "flow", flow_weight=0), loss(good, target, "flow", flow_weight=0))
+
+
+def test_flow_seed_zero_seeds_from_the_distance_map():
+    """With flow_seed 0 a flow model's maps are separated like a distance model's (its flows unused)."""
+    _, lab = nuclei_image((128, 128), n=20, seed=4, touching=0.5)
+    maps = perfect_maps(lab, "flow")
+    maps[3:5] = np.random.default_rng(0).uniform(-1, 1, maps[3:5].shape)  # flows that would scramble the split
+    t = {"min_size": 5, "peak_h": 0.2, "flow_seed": 0}
+    assert np.array_equal(instances(maps, "flow", t), instances(maps[:3], "distance", t))
+    assert not np.array_equal(instances(maps, "flow", {**t, "flow_seed": 3}), instances(maps[:3], "distance", t))

@@ -11,7 +11,8 @@ the seed regions where touching nuclei meet; the watershed then floods the seed 
 (objects whose mean nucleus probability is below it are dropped, like StarDist's object probability
 threshold: faint specks and spurious blobs score lower than real nuclei; 0 keeps every object),
 ``flow_seed`` (flow design: a centre needs at least this many pixels' flow paths ending within its
-3x3 neighbourhood to seed a nucleus).
+3x3 neighbourhood to seed a nucleus; 0: seeds from the distance map as in the distance design, the flows
+having served only as a training target, which tuning chooses when it separates nuclei better).
 """
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def instances(maps: np.ndarray, design: str, thresholds: dict | None = None) -> 
     else:
         raise ValueError(f"unknown target design {design!r}")
     seed_region = mask & (maps[3] <= t["contact"]) if design == "contact" else mask
-    if design == "flow":
+    if design == "flow" and t["flow_seed"] > 0:
         markers = flow_markers(maps[3:5], mask, int(t["flow_seed"]))
     elif t["peak_h"] > 0:
         seed_map = ndi.gaussian_filter(seed_map.astype(np.float32), SEED_SMOOTHING)
