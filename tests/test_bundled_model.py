@@ -19,7 +19,7 @@ def test_model_folder_is_complete_and_small():
         assert (DEFAULT_MODEL_DIR / name).is_file(), name
     assert (DEFAULT_MODEL_DIR / "weights.safetensors").stat().st_size < 10 * 2**20  # fp16
     config = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
-    assert config["design"] in ("contour", "distance") and config["training"]["encoder_weights"]
+    assert config["design"] in ("contour", "distance", "flow") and config["training"]["encoder_weights"]
     card = (DEFAULT_MODEL_DIR / "README.md").read_text()
     assert "CC0" in card and "nucleiseg train" in card
 

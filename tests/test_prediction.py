@@ -14,6 +14,7 @@ from nucleiseg.data import median_diameter
 from nucleiseg.inference import predict_maps, tile_starts
 from nucleiseg.metrics import iou_matrix, matching
 from nucleiseg.outputs import rle_decode, rle_encode
+from nucleiseg.targets import vector_channels
 from nucleiseg.synthetic import mosaic, nuclei_image
 
 
@@ -83,11 +84,17 @@ def test_tta_averages_flips(model):
     image, _ = nuclei_image((128, 160), n=12, seed=6)
     plain, tta = model.predict_maps(image), model.predict_maps(image, tta=True)
     assert tta.shape == plain.shape and not np.array_equal(tta, plain)
-    n_classes = 3 if model.design == "contour" else 2  # distance: 2 classes + a distance channel
+    n_classes = 3 if model.design == "contour" else 2  # distance and flow: 2 classes, then a distance channel
     assert np.allclose(tta[:n_classes].sum(axis=0), 1, atol=1e-4)
-    assert tta.min() >= 0 and tta.max() <= 1
-    # a flipped image gives the flipped TTA result (TTA is flip-equivariant)
-    assert np.allclose(model.predict_maps(image[:, ::-1].copy(), tta=True)[:, :, ::-1], tta, atol=1e-4)
+    vectors = list(vector_channels(model.design) or ())  # flow vectors lie in [-1, 1], the rest in [0, 1]
+    scalars = np.delete(tta, vectors, axis=0)
+    assert scalars.min() >= 0 and scalars.max() <= 1
+    assert np.abs(tta[vectors]).max(initial=0) <= 1
+    # a flipped image gives the flipped TTA result (TTA is flip-equivariant); a left-right flip reverses x vectors
+    mirrored = model.predict_maps(image[:, ::-1].copy(), tta=True)[:, :, ::-1].copy()
+    if vectors:
+        mirrored[vectors[1]] *= -1
+    assert np.allclose(mirrored, tta, atol=1e-4)
 
 
 def test_tta_negates_vector_channels_of_flipped_passes():
