@@ -187,3 +187,12 @@ if [ ! -f runs/flow-split-36/model/metrics.json ]; then
   $NS tune --model runs/flow-split-36/model --data "$DATA"
 fi
 $NS evaluate --model runs/flow-split-36/model --data "$DATA" --subset val -o runs/eval-flow-split-36 --quiet
+# The default model since 2026-12-01: the stage-10 recipe trained on all images with the split run's
+# thresholds, packaged with the split run's validation figures.
+if [ ! -f runs/flow-final-36/model/weights.safetensors ]; then
+  /usr/bin/time -v $NS train --data "$DATA" --out runs/flow-final-36 --design flow --full-res-channels 16 --epochs 36 \
+    --lr 1e-3 --schedule cosine --crops-per-image 2 --type-balance 0.5 --small-weight 3 --patience 36 \
+    --val-fraction 0 --thresholds-from runs/flow-split-36/model --encoder-weights "$WEIGHTS" --quiet 2> runs/flow-final-36.time
+fi
+.venv/bin/python benchmarks/package_default_model.py --final runs/flow-final-36 --validation runs/flow-split-36 \
+  --evaluation runs/eval-flow-split-36/metrics.json --command "benchmarks/train_dsb.sh (stage 10)"
