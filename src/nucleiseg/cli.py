@@ -34,9 +34,9 @@ def _add_train(sub) -> None:
     g.add_argument("--max-images", type=int, default=None, help="use only the first N images (quick runs)")
     g = p.add_argument_group("model")
     g.add_argument("--design", default=None, choices=["semantic", "contour", "distance", "contact", "flow"],
-                   help="training targets: distance (mask + distance to border; default), flow (distance + unit "
-                        "vectors to each nucleus's centre), contact (distance + where touching nuclei meet), "
-                        "contour (interior/boundary), semantic mask; default: as the --init-model, else distance")
+                   help="training targets: flow (mask + distance to border + unit vectors to each nucleus's centre), "
+                        "distance (mask + distance to border), contact (distance + where touching nuclei meet), "
+                        "contour (interior/boundary), semantic mask; default: as the --init-model, else flow")
     g.add_argument("--encoder-weights", default="imagenet",
                    help="'imagenet' (download torchvision's checkpoint), a .safetensors/.pth file, or 'none'")
     g.add_argument("--freeze-encoder", action="store_true", help="keep the pretrained encoder fixed")

@@ -28,7 +28,7 @@ from .targets import foreground, loss as target_loss, probabilities
 from .weights import load_encoder_weights
 
 log = logging.getLogger(__name__)
-DEFAULT_DESIGN = "distance"  # measured best of the instance designs (benchmarks/RESULTS.md)
+DEFAULT_DESIGN = "flow"  # the bundled model's design, measured best of the instance designs (benchmarks/RESULTS.md)
 
 
 @dataclass
