@@ -114,7 +114,7 @@ AP@0.5 = TP/(TP+FP+FN) at IoU 0.5 (DSB2018 / StarDist convention). Image types g
 
 Trained on DSB2018 only: nuclei 5 to 80 pixels across at the images' native resolution (median
 {config.get('nucleus_diameter', '?')} px). By default (`diameter='auto'`) prediction measures the nuclei in a quick
-first pass and, when they are more than {AUTO_ZOOM_ABOVE} times the trained size, zooms the image to the trained size
+first pass and, when they are more than {AUTO_ZOOM_ABOVE} times the trained size (confirmed by a second pass at 1/2 zoom), zooms the image to the trained size
 and the labels back; `--diameter D` sets the size, `--diameter none` turns zooming off.
 Not trained on 3-D data, whole cells, or non-nuclear stains.
 """

@@ -146,6 +146,27 @@ def test_diameter_zooms_large_nuclei_to_the_trained_size(model):
             model.predict(image, diameter=bad)
 
 
+def test_auto_size_zooms_only_when_a_finer_second_pass_agrees(model, monkeypatch):
+    """The 1/4-zoom pass can merge close DSB-sized nuclei into large ones (RESULTS: one validation image
+    measured 74 px for 41.5 px nuclei); 'auto' zooms only when a pass at 1/2 zoom also finds large nuclei."""
+    from nucleiseg.model import AUTO_ZOOM_ABOVE, CONFIRM_ZOOM, PROBE_ZOOM
+
+    trained = model.config["nucleus_diameter"]
+    image = np.zeros((64, 64), np.float32)
+    for first, second, expected in ((3.8, 2.4, None), (3.8, 3.1, 3.8), (2.0, 3.1, None)):
+        calls = []
+
+        def measured(img, tile_size=None, scale=None, zoom=PROBE_ZOOM, first=first, second=second, calls=calls):
+            calls.append(zoom)
+            return (first if zoom == PROBE_ZOOM else second) * trained
+
+        monkeypatch.setattr(model, "estimate_diameter", measured)
+        got = model.auto_diameter(image)
+        assert got == (None if expected is None else pytest.approx(expected * trained)), (first, second)
+        # the second pass runs only on images the first would zoom
+        assert calls == ([PROBE_ZOOM, CONFIRM_ZOOM] if first > AUTO_ZOOM_ABOVE else [PROBE_ZOOM])
+
+
 def test_median_diameter_of_disks():
     yy, xx = np.mgrid[:200, :200]
     labels = np.zeros((200, 200), np.int32)

@@ -32,9 +32,11 @@ ARCHITECTURE = "unet-mobilenetv2"
 DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"
 # diameter="auto": a first pass at this zoom measures the nuclei (even ones several times larger than
 # the trained size come into its range there); images whose nuclei measure more than AUTO_ZOOM_ABOVE
-# times the trained diameter are then zoomed to the trained size (benchmarks/RESULTS.md, "Automatic
-# nucleus size": no change on DSB2018's own images, large gains on magnified ones)
+# times the trained diameter there and in a second pass at CONFIRM_ZOOM (which sees smaller, nearly
+# touching nuclei apart where the first merges them) are then zoomed to the trained size
+# (benchmarks/RESULTS.md, "Automatic nucleus size": large gains on magnified images)
 PROBE_ZOOM = 0.25
+CONFIRM_ZOOM = 0.5
 AUTO_ZOOM_ABOVE = 2.5
 AUTO_MIN_NUCLEI = 5  # fewer nuclei in the first pass (small images: neighbours merge there) measure nothing
 CLASS_NAMES = {"semantic": ["background", "nucleus"], "contour": ["background", "interior", "boundary"],
@@ -253,27 +255,32 @@ class Model:
         return float(trained) / float(diameter)
 
     def estimate_diameter(self, image: np.ndarray | Sequence[np.ndarray], tile_size: int | None = None,
-                          scale: tuple[float, float] | None = None) -> float:
-        """Median nucleus diameter (pixels of ``image``) from a quick pass over the image zoomed to
-        ``PROBE_ZOOM`` (1/16 of the pixels), where nuclei far larger than the trained ones are in the
+                          scale: tuple[float, float] | None = None, zoom: float = PROBE_ZOOM) -> float:
+        """Median nucleus diameter (pixels of ``image``) from a quick pass over the image zoomed by ``zoom``
+        (default ``PROBE_ZOOM``: 1/16 of the pixels), where nuclei far larger than the trained ones are in the
         trained range (Cellpose estimates sizes too, with a learnt size model); 0 when that pass finds
         fewer than ``AUTO_MIN_NUCLEI`` nuclei. A list of windows of one image pools their nuclei."""
         from .data import median_diameter
 
         windows = [image] if isinstance(image, np.ndarray) else list(image)
-        labels = [self._predict_zoomed(w, PROBE_ZOOM, tile_size=tile_size, scale=scale, zoom_back=False) for w in windows]
+        labels = [self._predict_zoomed(w, zoom, tile_size=tile_size, scale=scale, zoom_back=False) for w in windows]
         found = sum(int(lab.max()) for lab in labels)
-        return median_diameter(labels) / PROBE_ZOOM if found >= AUTO_MIN_NUCLEI else 0.0
+        return median_diameter(labels) / zoom if found >= AUTO_MIN_NUCLEI else 0.0
 
     def auto_diameter(self, image: np.ndarray | Sequence[np.ndarray], tile_size: int | None = None,
                       scale: tuple[float, float] | None = None) -> float | None:
         """The diameter ``diameter='auto'`` segments ``image`` at: its estimated nucleus diameter when that
-        exceeds ``AUTO_ZOOM_ABOVE`` times the trained one, else None (the image as it is)."""
+        exceeds ``AUTO_ZOOM_ABOVE`` times the trained one, and a second estimate at ``CONFIRM_ZOOM`` does too
+        (the first pass at 1/4 can merge close nuclei of DSB2018's own size into large ones), else None (the
+        image as it is). The second pass runs only on images the first would zoom."""
         trained = self.config.get("nucleus_diameter")
         if not trained:
             return None
         estimate = self.estimate_diameter(image, tile_size=tile_size, scale=scale)
-        return estimate if estimate > AUTO_ZOOM_ABOVE * trained else None
+        if estimate <= AUTO_ZOOM_ABOVE * trained:
+            return None
+        confirmed = self.estimate_diameter(image, tile_size=tile_size, scale=scale, zoom=CONFIRM_ZOOM)
+        return estimate if confirmed > AUTO_ZOOM_ABOVE * trained else None
 
     def resolve_diameter(self, diameter: float | str | None, image: np.ndarray | Sequence[np.ndarray],
                          tile_size: int | None = None, scale: tuple[float, float] | None = None) -> float | None:
