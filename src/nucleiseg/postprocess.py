@@ -22,6 +22,7 @@ from skimage.measure import label as connected_components
 from skimage.morphology import h_maxima
 from skimage.segmentation import relabel_sequential, watershed
 
+WITH_DISTANCE = ("distance", "contact", "flow")  # designs whose third map is the normalised distance to the border
 DEFAULT_THRESHOLDS = {"mask": 0.5, "marker": 0.5, "min_size": 15, "peak_h": 0.0, "contact": 0.5, "object_prob": 0.0,
                       "flow_seed": 10}
 SEED_SMOOTHING = 1.0  # sigma (pixels) of the Gaussian applied to the seed map before finding peaks
@@ -62,7 +63,7 @@ def instances(maps: np.ndarray, design: str, thresholds: dict | None = None) -> 
         return remove_small(labels, int(t["min_size"])).astype(np.int32)
     if design == "contour":
         seed_map = maps[1]  # interior probability: high in nucleus centres, low on shared borders
-    elif design in ("distance", "contact", "flow"):
+    elif design in WITH_DISTANCE:
         seed_map = maps[2]
     else:
         raise ValueError(f"unknown target design {design!r}")

@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from scipy import ndimage as ndi
 from skimage.segmentation import expand_labels, find_boundaries
 
+from .postprocess import WITH_DISTANCE  # defined there: post-processing stays free of torch
+
 DESIGNS = ("semantic", "contour", "distance", "contact", "flow")
-WITH_DISTANCE = ("distance", "contact", "flow")
 
 
 def n_channels(design: str) -> int:
