@@ -251,6 +251,30 @@ def test_evaluate_command_writes_reports(tmp_path, capsys):
         assert (out / name).stat().st_size > 1000
 
 
+def test_evaluate_diameter_scores_what_predict_writes(tmp_path, model):
+    """`evaluate --diameter auto` scores the zoomed segmentation `predict` writes; the default scores images
+    as they are (what thresholds are tuned on)."""
+    from nucleiseg.io import read_image
+
+    k = 4  # nuclei 4x the trained size
+    root = tmp_path / "big"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    img, lab = nuclei_image((128, 128), n=10, seed=20)
+    Image.fromarray(to_uint8(np.kron(img, np.ones((k, k), img.dtype)))).save(root / "images" / "b0.png")
+    Image.fromarray(np.kron(lab, np.ones((k, k), lab.dtype)).astype(np.uint16)).save(root / "labels" / "b0.png")
+    scores = {}
+    for diameter in ("none", "auto"):
+        out = tmp_path / f"e-{diameter}"
+        assert main(["evaluate", "--data", str(root), "-o", str(out), "--diameter", diameter, "--quiet"]) == 0
+        report = json.loads((out / "metrics.json").read_text())
+        assert report["diameter"] == (None if diameter == "none" else "auto")
+        scores[diameter] = float(next(csv.DictReader(open(out / "per_image.csv")))["f1_50"])
+    truth = np.asarray(Image.open(root / "labels" / "b0.png"))
+    assert scores["auto"] == pytest.approx(matching(truth, model.predict(read_image(root / "images" / "b0.png")))["f1"])
+    assert scores["auto"] > scores["none"] + 0.1, scores
+
+
 def test_tune_command_saves_thresholds_no_worse_than_before(tmp_path, capsys):
     import shutil
 

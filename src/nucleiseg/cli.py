@@ -111,6 +111,10 @@ def _add_evaluate(sub) -> None:
     _add_annotated_data(p, subset="all")
     p.add_argument("-o", "--out", default="evaluation", help="output folder")
     p.add_argument("--tta", action="store_true", help="average predictions over flips")
+    p.add_argument("--diameter", default="none",
+                   help="'none' (default): score each image at its own size, as thresholds are tuned; 'auto' or "
+                        "a number of pixels: score what `nucleiseg predict --diameter` writes (images zoomed to "
+                        "the trained nucleus size)")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -172,7 +176,7 @@ def cmd_evaluate(args) -> int:
     from .model import Model
 
     report = evaluate(Model.load(args.model), args.data, args.out, labels=args.labels, subset=args.subset,
-                      tta=args.tta, progress=not args.quiet)
+                      tta=args.tta, progress=not args.quiet, diameter=_diameter(args.diameter))
     print(format_report(report))
     print(f"written: {args.out}/metrics.json, per_image.csv, examples.png, best.png, worst.png")
     for problem in report["skipped"]:

@@ -69,14 +69,20 @@ def _summarise(rows: list[dict]) -> dict:
 
 
 def evaluate_items(model, items: list[tuple[str, np.ndarray, np.ndarray]], maps: list[np.ndarray] | None = None,
-                   tta: bool = False, keep_predictions: bool = False) -> dict:
-    """Metrics for cached (name, normalised image, labels) items: per-image rows, summary, per type."""
+                   tta: bool = False, keep_predictions: bool = False, diameter: float | str | None = None) -> dict:
+    """Metrics for cached (name, normalised image, labels) items: per-image rows, summary, per type.
+
+    ``diameter`` None scores each image at its own size (what thresholds are tuned on); 'auto' or a number
+    scores what ``nucleiseg predict`` writes with that ``--diameter`` (images zoomed to the trained size)."""
     rows, preds = [], []
     inter = union = correct = total = 0
     for i, (name, image, true) in enumerate(items):
         started = time.perf_counter()
-        m = maps[i] if maps is not None else model.maps_from_normalized(image, tta=tta)
-        pred = instances(m, model.design, model.thresholds)
+        if diameter is not None and maps is None:  # the image is normalised already: a fixed identity scale
+            pred = model.predict(image, tta=tta, scale=(0.0, 1.0), diameter=diameter)
+        else:
+            m = maps[i] if maps is not None else model.maps_from_normalized(image, tta=tta)
+            pred = instances(m, model.design, model.thresholds)
         row = {"image": name, "type": image_type(image), "height": true.shape[0], "width": true.shape[1],
                **pixel_metrics(true > 0, pred > 0), **instance_metrics(true, pred),
                "seconds": time.perf_counter() - started}
@@ -98,23 +104,24 @@ def evaluate_items(model, items: list[tuple[str, np.ndarray, np.ndarray]], maps:
 
 
 def evaluate(model, data: str | Path, out: str | Path, labels: str | None = None, subset: str = "all",
-             tta: bool = False, progress: bool = True) -> dict:
+             tta: bool = False, progress: bool = True, diameter: float | str | None = None) -> dict:
     """Evaluate ``model`` on a dataset folder; write metrics.json, per_image.csv and figures into ``out``.
 
     ``subset``: 'all' images, or 'val' / 'train' to use the split stored in the model config.
+    ``diameter``: None (default) scores images as they are; 'auto' or pixels as :meth:`Model.predict`.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     problems: list[str] = []
     items = annotated_items(model, data, labels, subset, progress, problems)
-    result = evaluate_items(model, items, tta=tta, keep_predictions=True)
+    result = evaluate_items(model, items, tta=tta, keep_predictions=True, diameter=diameter)
     preds = result.pop("predictions")
     rows = result["rows"]
     with open(out / "per_image.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    report = {"data": str(data), "subset": subset, "tta": tta, "model": str(model.path),
+    report = {"data": str(data), "subset": subset, "tta": tta, "diameter": diameter, "model": str(model.path),
               "thresholds": model.thresholds, "summary": result["summary"], "by_type": result["by_type"],
               "skipped": problems}
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
