@@ -54,7 +54,8 @@ def main() -> None:
     rows = {}
     for name, image, labels in items:
         kind = image_type(image)
-        preds = {f"perfect {d}": instances(perfect_maps(labels, d), d, {"min_size": 0}) for d in ("semantic", "contour", "distance", "flow")}
+        preds = {f"perfect {d}": instances(perfect_maps(labels, d), d, {"min_size": 0, "flow_seed": 10})
+                 for d in ("semantic", "contour", "distance", "flow")}  # flow: seeds where 10 flow paths end
         preds["otsu + distance watershed"] = otsu_watershed(image)
         for method, pred in preds.items():
             m = instance_metrics(labels, pred)
