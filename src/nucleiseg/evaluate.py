@@ -74,11 +74,13 @@ def evaluate_items(model, items: list[tuple[str, np.ndarray, np.ndarray]], maps:
 
     ``diameter`` None scores each image at its own size (what thresholds are tuned on); 'auto' or a number
     scores what ``nucleiseg predict`` writes with that ``--diameter`` (images zoomed to the trained size)."""
+    if maps is not None and diameter is not None:
+        raise ValueError("cached maps are of the images as they are: give maps or a diameter, not both")
     rows, preds = [], []
     inter = union = correct = total = 0
     for i, (name, image, true) in enumerate(items):
         started = time.perf_counter()
-        if diameter is not None and maps is None:  # the image is normalised already: a fixed identity scale
+        if diameter is not None:  # the image is normalised already: a fixed identity scale
             pred = model.predict(image, tta=tta, scale=(0.0, 1.0), diameter=diameter)
         else:
             m = maps[i] if maps is not None else model.maps_from_normalized(image, tta=tta)
