@@ -1,4 +1,6 @@
 """Targets from instance labels and their inversion by post-processing: touching nuclei come back apart."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -123,6 +125,17 @@ def test_object_prob_drops_faint_objects_and_keeps_confident_ones(design):
     assert kept.max() == 1 and kept[20, 20] == 1 and kept[20, 60] == 0
     assert instances(maps, design, {"min_size": 5, "object_prob": 0.0}).max() == 2
     assert np.array_equal(remove_unsure(lab, fg, 0.5), lab)  # both above 0.5: nothing dropped
+
+
+def test_object_prob_with_unused_label_numbers_warns_not():
+    """The watershed can leave label numbers unused: they are neither dropped nor divided by zero."""
+    lab = np.zeros((20, 20), np.int32)
+    lab[2:8, 2:8], lab[12:18, 12:18] = 1, 4  # numbers 2 and 3 unused
+    fg = np.where(lab == 1, 0.9, np.where(lab == 4, 0.3, 0.0)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kept = remove_unsure(lab, fg, 0.5)
+    assert set(np.unique(kept)) == {0, 1}
 
 
 def test_holes_inside_one_nucleus_are_filled_but_not_between_nuclei():

@@ -47,9 +47,11 @@ def remove_unsure(labels: np.ndarray, probability: np.ndarray, threshold: float)
     """Drop objects whose mean ``probability`` (nucleus probability map) is below ``threshold``."""
     if threshold <= 0 or labels.max() == 0:
         return labels
-    index = np.arange(1, int(labels.max()) + 1)
-    unsure = np.zeros(len(index) + 1, bool)
-    unsure[1:] = np.nan_to_num(np.asarray(ndi.mean(probability, labels, index)), nan=1.0) < threshold
+    counts = np.bincount(labels.ravel())
+    sums = np.bincount(labels.ravel(), weights=probability.ravel().astype(np.float64), minlength=counts.size)
+    # labels with no pixels (numbers left unused by the watershed) are not unsure, and divide by nothing
+    unsure = (counts > 0) & (sums < threshold * counts)
+    unsure[0] = False
     return np.where(unsure[labels], 0, labels) if unsure.any() else labels
 
 
