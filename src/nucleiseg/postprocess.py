@@ -48,7 +48,7 @@ def remove_unsure(labels: np.ndarray, probability: np.ndarray, threshold: float)
     if threshold <= 0 or labels.max() == 0:
         return labels
     counts = np.bincount(labels.ravel())
-    sums = np.bincount(labels.ravel(), weights=probability.ravel().astype(np.float64), minlength=counts.size)
+    sums = np.bincount(labels.ravel(), weights=probability.ravel(), minlength=counts.size)
     # labels with no pixels (numbers left unused by the watershed) are not unsure, and divide by nothing
     unsure = (counts > 0) & (sums < threshold * counts)
     unsure[0] = False
