@@ -93,6 +93,11 @@ MobileNetV2 U-Net (ImageNet-initialised encoder, fine-tuned{skip}) predicting {D
 - **Encoder initialisation**: ImageNet MobileNetV2 in torchvision's layout (`mobilenet_v2_imagenet.safetensors`,
   derived from google-coral/test_data's `tf2_mobilenet_v2_1.0_224_ptq.tflite`, Apache-2.0).
 - **Command**: `{command}`
+- **Reproducing elsewhere**: paths under `../shared` are the development machine's: its
+  `data/dsb2018-stage1-train` holds what `nucleiseg download dsb2018 --dest data/` writes to `data/dsb2018/stage1_train`
+  (stage1_train's images with the original Kaggle labels and the community fixes at the same commit; not
+  compared byte for byte, this machine has no network), and its ImageNet file is the one named above; without it
+  use `--encoder-weights imagenet` (torchvision's checkpoint: other ImageNet weights, not measured here).
 {stages}
 - **Thresholds** (`thresholds.json`): tuned on the validation split of the 80:20 run of the same recipe.
 - **Weights**: fp16 safetensors (loaded as fp32).
