@@ -134,6 +134,29 @@ def test_augmented_crops_keep_image_and_labels_aligned(strength):
             assert grey[lab > 0].mean() > grey[lab == 0].mean() + 0.1
 
 
+def test_scale_range_enlarges_nuclei_within_its_bounds():
+    """With a scale range of 1.5-2x, scaled crops show nuclei 2.25-4x their area; the others stay native."""
+    from nucleiseg.data import augmentation
+
+    yy, xx = np.mgrid[:320, :320]
+    labels = np.zeros((320, 320), np.int32)
+    for k, (cy, cx) in enumerate([(y, x) for y in range(20, 320, 40) for x in range(20, 320, 40)], start=1):
+        labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= 36] = k  # equal discs of radius 6, 113 px
+    native = np.bincount(labels.ravel())[1]
+    image = np.where(labels > 0, 200, 20).astype(np.uint8)
+    transform = augmentation(128, "basic", scale_range=(1.5, 2.0))
+    transform.set_random_seed(0)
+    ratios = []
+    for _ in range(30):
+        lab = transform(image=normalize(image), mask=labels)["mask"]
+        border = set(np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]])))
+        whole = [a for k, a in enumerate(np.bincount(lab.ravel()), start=0) if k and a and k not in border]
+        ratios.append(np.median(whole) / native)
+    ratios = np.array(ratios)
+    assert (ratios > 2.0).sum() >= 5 and (ratios < 1.2).sum() >= 5  # scaled and native crops both drawn
+    assert ratios.max() < 4.4 and not ((ratios > 1.2) & (ratios < 2.0)).any()
+
+
 def test_unknown_augmentation_is_refused():
     from nucleiseg.data import augmentation
 

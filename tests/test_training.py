@@ -138,9 +138,11 @@ def test_fine_tuning_keeps_the_initial_models_architecture(trained, tmp_path):
     # a wider decoder than the initial model's, from the command line: its new channels start at zero effect
     assert main(["train", "--data", data, "--out", str(tmp_path / "wide"), "--epochs", "1", "--batch-size", "4",
                  "--crop", "96", "--max-images", "6", "--encoder-weights", "none", "--init-model", "default",
-                 "--decoder-channels", "128", "96", "64", "32", "16", "--augment", "strong", "--quiet"]) == 0
+                 "--decoder-channels", "128", "96", "64", "32", "16", "--augment", "strong",
+                 "--scale-range", "0.75", "2", "--quiet"]) == 0
     wide = Model.load(tmp_path / "wide" / "model")
     assert wide.config["training"]["augment"] == "strong"
+    assert wide.config["training"]["scale_range"] == [0.75, 2.0]
     assert wide.config["architecture"]["decoder_channels"] == [128, 96, 64, 32, 16]
     assert wide.config["architecture"].get("full_res_channels", 0) == bundled
 

@@ -51,6 +51,9 @@ def _add_train(sub) -> None:
     g.add_argument("--augment", default="basic", choices=["basic", "strong"],
                    help="augmentation: basic (scale 0.75-1.25x, flips, rot90, brightness/contrast, channel shuffle) or "
                         "strong (also scale 0.5-1.5x, any rotation, blur, noise, per-channel gain)")
+    g.add_argument("--scale-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="random scale range of the augmentation instead of the above (e.g. 0.75 2: nuclei up to "
+                        "twice the training images' size)")
     g.add_argument("--crops-per-image", type=int, default=1, help="random crops per training image per epoch")
     g.add_argument("--type-balance", type=float, default=0.0,
                    help="> 0: crops per image proportional to (frequency of its type: fluorescence, brightfield, "
@@ -153,7 +156,8 @@ def cmd_train(args) -> int:
             raise SystemExit("nucleiseg train: --data is required (or --resume RUN)")
         cfg = TrainConfig(data=args.data, out=args.out, design=args.design, labels=args.labels,
                           epochs=args.epochs or TrainConfig.epochs,
-                          batch_size=args.batch_size, crop=args.crop, augment=args.augment, lr=args.lr, schedule=args.schedule,
+                          batch_size=args.batch_size, crop=args.crop, augment=args.augment,
+                          scale_range=args.scale_range, lr=args.lr, schedule=args.schedule,
                           val_fraction=args.val_fraction,
                           seed=args.seed, encoder_weights=args.encoder_weights, freeze_encoder=args.freeze_encoder,
                           encoder_bn=args.encoder_bn,

@@ -145,11 +145,14 @@ def split(names: list[str], val_fraction: float = 0.2, seed: int = 0) -> tuple[l
 AUGMENTATIONS = ("basic", "strong")
 
 
-def augmentation(crop: int, strength: str = "basic", scale: float = 0.25, intensity: float = 0.2):
+def augmentation(crop: int, strength: str = "basic", scale: float = 0.25, intensity: float = 0.2,
+                 scale_range: tuple[float, float] | None = None):
     """Albumentations pipeline: random scale, crop at native resolution, flips/rot90, brightness/contrast.
 
     ``strong`` adds what differs between microscopes and stains beyond that: a wider scale range (0.5-1.5x),
     rotation by any angle, blur, camera noise and a per-channel gain (stain colour balance).
+    ``scale_range`` (low, high) replaces either strength's scale range, e.g. (0.75, 2) for nuclei seen at up
+    to twice the training images' magnification; half the crops are scaled, as with the defaults.
     """
     import albumentations as A
     import cv2
@@ -157,7 +160,8 @@ def augmentation(crop: int, strength: str = "basic", scale: float = 0.25, intens
     if strength not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {strength!r}; choose from {', '.join(AUGMENTATIONS)}")
     strong = strength == "strong"
-    geometry = [A.RandomScale(scale_limit=0.5 if strong else scale, interpolation=cv2.INTER_LINEAR,
+    limit = (scale_range[0] - 1, scale_range[1] - 1) if scale_range else 0.5 if strong else scale
+    geometry = [A.RandomScale(scale_limit=limit, interpolation=cv2.INTER_LINEAR,
                               mask_interpolation=cv2.INTER_NEAREST, p=0.5)]
     if strong:
         geometry.append(A.Affine(rotate=(-180, 180), interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST,
@@ -185,9 +189,9 @@ class SegmentationDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, items: list[tuple[str, np.ndarray, np.ndarray]], design: str, crop: int | None = None,
-                 augment: str | None = "basic"):
+                 augment: str | None = "basic", scale_range: tuple[float, float] | None = None):
         self.items, self.design, self.crop = items, design, crop
-        self.transform = augmentation(crop, augment) if crop and augment else None
+        self.transform = augmentation(crop, augment, scale_range=scale_range) if crop and augment else None
 
     def __len__(self) -> int:
         return len(self.items)

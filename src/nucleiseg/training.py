@@ -43,6 +43,7 @@ class TrainConfig:
     batch_size: int = 8
     crop: int = 256
     augment: str = "basic"  # 'strong': also wider scale, any rotation, blur, noise, channel gains (data.augmentation)
+    scale_range: list | None = None  # [low, high]: random scale range of the augmentation (None: the strength's)
     lr: float = 1e-3
     schedule: str = "plateau"  # 'plateau': halve lr when validation loss stalls; 'cosine': anneal to lr/100
     weight_decay: float = 0.0
@@ -151,8 +152,8 @@ class ShardSampler(torch.utils.data.Sampler):
 class TrainDataset(SegmentationDataset):
     """Augmented random crops whose randomness depends only on (seed, epoch, draw)."""
 
-    def __init__(self, items, design: str, crop: int, seed: int, augment: str = "basic"):
-        super().__init__(items, design, crop=crop, augment=augment)
+    def __init__(self, items, design: str, crop: int, seed: int, augment: str = "basic", scale_range=None):
+        super().__init__(items, design, crop=crop, augment=augment, scale_range=scale_range)
         self.seed = seed
 
     def __getitem__(self, key):
@@ -388,7 +389,7 @@ class HistoryCallback(L.Callback):
 
 
 def _loaders(cfg: TrainConfig, train_items, val_items, design: str):
-    train_ds = TrainDataset(train_items, design, cfg.crop, cfg.seed, cfg.augment)
+    train_ds = TrainDataset(train_items, design, cfg.crop, cfg.seed, cfg.augment, cfg.scale_range)
     counts = crops_per_item(train_items, cfg.crops_per_image, cfg.type_balance)
     sampler = EpochSampler(len(train_ds), cfg.seed, counts)
     train = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
