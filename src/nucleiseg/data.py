@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .datasets import FIXED_LABELS
 from .io import ImageError, is_image_file, read_image, read_labels
 from .targets import encode
 from .transforms import normalize
 
 log = logging.getLogger(__name__)
-LABEL_DIR_PREFERENCE = ("labels_lopuhin_fixed", "labels")
+LABEL_DIR_PREFERENCE = (FIXED_LABELS, "labels")  # the DSB2018 community fixes first
 
 
 @dataclass(frozen=True)
