@@ -115,6 +115,24 @@ def test_tta_negates_vector_channels_of_flipped_passes():
     assert np.abs(unsigned[3:]).max() < 1e-5
 
 
+def test_tta_reorders_ray_channels_of_flipped_passes():
+    """A star model's rays swap directions under a flip: TTA must reorder them before averaging. The runner
+    here outputs the exact ray lengths of the image's bright objects, which flip exactly."""
+    from skimage.measure import label
+
+    from nucleiseg.targets import ray_distances
+
+    def ray_runner(batch):
+        return np.stack([ray_distances(label(grey > 0.3)) for grey in batch[:, 0]])
+
+    image, _ = nuclei_image((64, 96), n=6, seed=2)
+    image = np.repeat((image / image.max()).astype(np.float32)[..., None], 3, axis=2)
+    plain = predict_maps(ray_runner, image)
+    assert plain.max() > 3
+    assert np.allclose(predict_maps(ray_runner, image, tta=True, rays=0), plain, atol=1e-5)
+    assert not np.allclose(predict_maps(ray_runner, image, tta=True), plain, atol=0.5)  # unordered rays blur
+
+
 def test_diameter_zooms_large_nuclei_to_the_trained_size(model):
     k = 4  # nuclei 4x larger than in training (about 70 px across), as in a high-magnification image
     f1 = {"native": [], "zoomed": [], "plain": [], "auto": []}

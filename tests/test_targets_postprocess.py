@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from nucleiseg.metrics import dsb_score
-from nucleiseg.postprocess import flow_markers, follow_flows, instances, peak_markers, remove_small, remove_unsure
+from nucleiseg.postprocess import (flow_markers, follow_flows, instances, peak_markers, remove_small, remove_unsure,
+                                   star_polygons)
 from nucleiseg.synthetic import nuclei_image
-from nucleiseg.targets import (centre_flows, contact_map, contour_classes, encode, loss, n_channels, normalised_distance,
-                               probabilities, small_nucleus_map)
+from nucleiseg.targets import (N_RAYS, RAY_SCALE, centre_flows, contact_map, contour_classes, encode, flip_rays, loss,
+                               n_channels, normalised_distance, probabilities, ray_distances, small_nucleus_map)
 
 
 def two_touching_discs():
@@ -23,9 +24,9 @@ def two_touching_discs():
 def perfect_maps(labels, design):
     """Probability maps a perfect network would output for ``labels``."""
     t = encode(labels, design)
-    if design in ("distance", "contact", "flow"):
+    if design in ("distance", "contact", "flow", "star"):
         fg = t[0]
-        extra = {"distance": [], "contact": [t[2]], "flow": list(t[4:6])}[design]
+        extra = {"distance": [], "contact": [t[2]], "flow": list(t[4:6]), "star": list(t[4:6]) + list(t[6:] * RAY_SCALE)}[design]
         return np.stack([1 - fg, fg, t[1]] + extra)
     classes = t[0].astype(int)
     return np.eye(n_channels(design), dtype=np.float32)[classes].transpose(2, 0, 1)
@@ -50,7 +51,7 @@ def test_distance_target_is_normalised_per_object():
         assert d[lab == k].max() == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("design", ["contour", "distance", "contact", "flow"])
+@pytest.mark.parametrize("design", ["contour", "distance", "contact", "flow", "star"])
 def test_perfect_maps_separate_touching_nuclei(design):
     lab = two_touching_discs()
     pred = instances(perfect_maps(lab, design), design, {"min_size": 5})
@@ -64,7 +65,7 @@ def test_semantic_merges_touching_nuclei():
     assert pred.max() == 1  # the baseline this project goes beyond
 
 
-@pytest.mark.parametrize("design", ["contour", "distance", "contact", "flow"])
+@pytest.mark.parametrize("design", ["contour", "distance", "contact", "flow", "star"])
 def test_perfect_maps_on_synthetic_crowd(design):
     _, lab = nuclei_image((192, 192), n=40, seed=3, touching=0.5)
     pred = instances(perfect_maps(lab, design), design, {"min_size": 5})
@@ -149,7 +150,7 @@ def test_holes_inside_one_nucleus_are_filled_but_not_between_nuclei():
     assert pred[15, 15] == 1  # the hole is filled
 
 
-@pytest.mark.parametrize("design", ["semantic", "contour", "distance", "contact", "flow"])
+@pytest.mark.parametrize("design", ["semantic", "contour", "distance", "contact", "flow", "star"])
 def test_loss_decreases_towards_targets(design):
     lab = two_touching_discs()
     target = torch.from_numpy(encode(lab, design))[None]
@@ -347,3 +348,69 @@ def test_flow_seed_zero_seeds_from_the_distance_map():
     t = {"min_size": 5, "peak_h": 0.2, "flow_seed": 0}
     assert np.array_equal(instances(maps, "flow", t), instances(maps[:3], "distance", t))
     assert not np.array_equal(instances(maps, "flow", {**t, "flow_seed": 3}), instances(maps[:3], "distance", t))
+
+
+def test_ray_distances_reach_the_border_of_their_own_nucleus():
+    lab = np.zeros((30, 40), np.int32)
+    lab[5:16, 4:25] = 1  # an 11 x 21 rectangle
+    lab[5:16, 25:32] = 2  # touching it on the right
+    r = ray_distances(lab, n_rays=8)
+    assert r.shape == (8, 30, 40) and np.all(r[:, lab == 0] == 0)
+    # from (10, 10): right (ray 0) to column 24, down (ray 2) to row 15, left (4) to column 4, up (6) to row 5
+    assert r[:, 10, 10][[0, 2, 4, 6]].tolist() == [14.5, 5.5, 6.5, 5.5]
+    assert r[0, 10, 25] == 6.5 and r[4, 10, 25] == 0.5  # the neighbour's rays stop at the shared border
+    assert r[0, 10, 31] == 0.5  # the image edge ends a ray like background
+
+
+def test_flip_rays_matches_the_rays_of_the_flipped_labels():
+    _, lab = nuclei_image((96, 96), n=12, seed=5, touching=0.5)
+    rays = ray_distances(lab)
+    for axis, name in ((0, "y"), (1, "x")):
+        flipped = ray_distances(np.ascontiguousarray(np.flip(lab, axis)))
+        assert np.array_equal(np.flip(flip_rays(flipped, name), axis + 1), rays)
+
+
+def test_star_polygons_keep_one_polygon_per_nucleus_and_suppress_overlaps():
+    lab = two_touching_discs()
+    maps = perfect_maps(lab, "star")
+    polys = star_polygons(maps[5:], maps[2], maps[2] > 0.3, nms=0.4)
+    assert polys.max() == 2 and dsb_score(lab, polys) > 0.85
+    # proposals of discs of radius 8: centres 10 px apart overlap with IoU about 0.15
+    rays = np.zeros((N_RAYS, 40, 60), np.float32)
+    rays[:, 20, 23] = 8.0
+    rays[:, 20, 13] = 8.0
+    rays[:, 20, 21] = 3.0  # inside the best disc: proposes nothing
+    rays[:, 20, 50] = 5.0  # a disc elsewhere
+    score = np.zeros((40, 60), np.float32)
+    score[20, 23], score[20, 21], score[20, 13], score[20, 50] = 1.0, 0.95, 0.9, 0.5
+    kept = star_polygons(rays, score, rays[0] > 0, nms=0.1)
+    assert kept.max() == 2 and kept[20, 29] > 0 and kept[20, 8] == 0 and kept[20, 50] > 0
+    kept = star_polygons(rays, score, rays[0] > 0, nms=0.4)
+    assert kept.max() == 3 and kept[20, 8] > 0 and kept[20, 18] == kept[20, 23]  # the better disc wins the overlap
+
+
+def test_star_nms_zero_post_processes_like_the_flow_design():
+    _, lab = nuclei_image((128, 128), n=20, seed=4, touching=0.5)
+    maps = perfect_maps(lab, "star")
+    t = {"min_size": 5, "peak_h": 0.2}
+    assert np.array_equal(instances(maps, "star", t), instances(maps[:5], "flow", t))
+    star = instances(maps, "star", {**t, "star_nms": 0.4})
+    assert not np.array_equal(star, instances(maps[:5], "flow", t)) and dsb_score(lab, star) > 0.8
+
+
+def test_ray_loss_scores_ray_lengths_on_nuclei_only():
+    lab = two_touching_discs()
+    target = torch.from_numpy(encode(lab, "star"))[None]
+    assert target.shape[1] == 6 + N_RAYS and n_channels("star") == 5 + N_RAYS
+    good = torch.zeros(1, n_channels("star"), *lab.shape)
+    good[:, 3:5] = torch.atanh(target[:, 4:6].clamp(-0.999, 0.999))
+    good[:, 5:] = torch.log(torch.expm1(target[:, 6:].clamp(min=1e-3)))  # inverse softplus
+    long_ = good.clone()
+    long_[:, 5:] += 1.0
+    background_only = good.clone()
+    background_only[:, 5:][:, :, lab == 0] = 5.0
+    assert loss(good, target, "star") < loss(long_, target, "star")
+    assert torch.isclose(loss(background_only, target, "star"), loss(good, target, "star"))
+    assert torch.isclose(loss(long_, target, "star", ray_weight=0), loss(good, target, "star", ray_weight=0))
+    rays = probabilities(good, "star")[0, 5:]
+    assert torch.allclose(rays[:, lab > 0], target[0, 6:][:, lab > 0] * RAY_SCALE, atol=0.05)

@@ -162,7 +162,7 @@ def test_a_distance_model_starts_a_contact_model_with_its_outputs_unchanged(tmp_
     distance = Model(net, distance_config, {"mask": 0.5, "marker": 0.5, "min_size": 5})
     distance_dir = distance.save(tmp_path / "distance")
     module = SegmentationModule(make_config("contact", full_res_channels=8), {"data": "", "init_model": str(distance_dir)})
-    assert module.init_weights().endswith("(+ a new contact channel)")
+    assert module.init_weights().endswith("(+ 1 new output)")
     image, _ = nuclei_image((64, 64), n=4, seed=5)
     x = torch.from_numpy(image.astype(np.float32) / image.max()).expand(1, 3, 64, 64)
     with torch.no_grad():
@@ -178,6 +178,29 @@ def test_a_distance_model_starts_a_contact_model_with_its_outputs_unchanged(tmp_
     back = SegmentationModule(make_config("distance", full_res_channels=8), {"data": "", "init_model": str(contact_dir)})
     with pytest.raises(ValueError, match="design"):
         back.init_weights()
+
+
+def test_a_flow_model_starts_a_star_model_with_its_outputs_unchanged(tmp_path):
+    import torch
+
+    from nucleiseg.model import build_network, make_config
+    from nucleiseg.targets import N_RAYS, probabilities
+
+    from nucleiseg.training import SegmentationModule
+
+    flow_config = make_config("flow")
+    torch.manual_seed(0)
+    flow = Model(build_network(flow_config).eval(), flow_config, {"mask": 0.5, "marker": 0.5, "min_size": 5})
+    flow_dir = flow.save(tmp_path / "flow")
+    module = SegmentationModule(make_config("star"), {"data": "", "init_model": str(flow_dir)})
+    assert module.init_weights().endswith(f"(+ {N_RAYS} new outputs)")
+    image, _ = nuclei_image((64, 64), n=4, seed=5)
+    x = torch.from_numpy(image.astype(np.float32) / image.max()).expand(1, 3, 64, 64)
+    with torch.no_grad():
+        ours = probabilities(module.net.eval()(x), "star")
+        theirs = probabilities(flow.net(x), "flow")
+    assert ours.shape[1] == 5 + N_RAYS and torch.allclose(ours[:, :5], theirs, atol=1e-6)
+    assert torch.allclose(ours[:, 5:], torch.full_like(ours[:, 5:], 8.0), atol=1e-4)  # rays start at 8 px
 
 
 def test_type_balance_gives_rare_image_types_more_crops():

@@ -33,8 +33,9 @@ def _add_train(sub) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed for the split and the augmentation")
     g.add_argument("--max-images", type=int, default=None, help="use only the first N images (quick runs)")
     g = p.add_argument_group("model")
-    g.add_argument("--design", default=None, choices=["semantic", "contour", "distance", "contact", "flow"],
+    g.add_argument("--design", default=None, choices=["semantic", "contour", "distance", "contact", "flow", "star"],
                    help="training targets: flow (mask + distance to border + unit vectors to each nucleus's centre), "
+                        "star (flow + StarDist's ray lengths to the border), "
                         "distance (mask + distance to border), contact (distance + where touching nuclei meet), "
                         "contour (interior/boundary), semantic mask; default: as the --init-model, else flow")
     g.add_argument("--encoder-weights", default="imagenet",
@@ -72,6 +73,8 @@ def _add_train(sub) -> None:
                    help="distance designs: weight of the distance map's loss (the watershed's seeds) against the class loss")
     g.add_argument("--flow-weight", type=float, default=1.0,
                    help="flow design: weight of the centre flows' squared error against the class loss")
+    g.add_argument("--ray-weight", type=float, default=1.0,
+                   help="star design: weight of the ray lengths' absolute error (in units of 16 px) against the class loss")
     g.add_argument("--full-res-channels", type=int, default=None,
                    help="channels of an extra full-resolution skip into the last decoder block (0 = none; "
                         "default: as the --init-model, else none)")
@@ -163,7 +166,7 @@ def cmd_train(args) -> int:
                           encoder_bn=args.encoder_bn,
                           precision=args.precision, patience=args.patience, boundary_weight=args.boundary_weight,
                           dice_weight=args.dice_weight, contact_weight=args.contact_weight, small_weight=args.small_weight,
-                          distance_weight=args.distance_weight, flow_weight=args.flow_weight,
+                          distance_weight=args.distance_weight, flow_weight=args.flow_weight, ray_weight=args.ray_weight,
                           contact_pos_weight=args.contact_pos_weight, full_res_channels=args.full_res_channels,
                           decoder_channels=args.decoder_channels, init_model=args.init_model, crops_per_image=args.crops_per_image,
                           type_balance=args.type_balance,

@@ -44,11 +44,14 @@ def tune_thresholds(maps: list[np.ndarray], labels: list[np.ndarray], design: st
     grid = {"mask": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8], "marker": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
             "min_size": [0, 5, 10, 15, 25, 40], "peak_h": [0.0, 0.1, 0.2, 0.3],
             "object_prob": [0.0, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8],
-            "contact": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95], "flow_seed": [0, 3, 5, 10, 15, 25]}
+            "contact": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95], "flow_seed": [0, 3, 5, 10, 15, 25],
+            "star_nms": [0.0, 0.2, 0.3, 0.4, 0.5, 0.6]}
     if design != "contact":
         del grid["contact"]
-    if design != "flow":  # flow design: seeds from the flows, or (flow_seed 0) from the distance map
+    if design not in ("flow", "star"):  # flow design: seeds from the flows, or (flow_seed 0) from the distance map
         del grid["flow_seed"]
+    if design != "star":  # star design: polygons and non-maximum suppression, or (star_nms 0) as the flow design
+        del grid["star_nms"]
     if design == "semantic":
         del grid["marker"], grid["peak_h"]
     best_score = _score(maps, labels, design, best)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .network import STRIDE
+from .targets import flip_rays
 from .transforms import pad_to_multiple
 
 Runner = Callable[[np.ndarray], np.ndarray]
@@ -58,9 +59,11 @@ class OnnxRunner:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, np.float32)})[0]
 
 
-def _run_padded(runner: Runner, image: np.ndarray, tta: bool, vectors: tuple[int, int] | None = None) -> np.ndarray:
+def _run_padded(runner: Runner, image: np.ndarray, tta: bool, vectors: tuple[int, int] | None = None,
+                rays: int | None = None) -> np.ndarray:
     """Maps (C, H, W) for one normalised (H, W, 3) image that fits in one pass; TTA averages 4 flips
-    (``vectors``: the (y, x) channels of a vector field, whose components a flip negates)."""
+    (``vectors``: the (y, x) channels of a vector field, whose components a flip negates; ``rays``: the
+    first of the ray-length channels, which a flip reorders)."""
     padded, (h, w) = pad_to_multiple(image, STRIDE)
     x = np.ascontiguousarray(padded.transpose(2, 0, 1)[None], np.float32)
     if not tta:
@@ -75,6 +78,10 @@ def _run_padded(runner: Runner, image: np.ndarray, tta: bool, vectors: tuple[int
             out = out.copy()
             for axis in axes:  # axis 2 flips y, axis 3 flips x
                 out[:, vectors[axis - 2]] *= -1
+        if rays is not None and axes:
+            out = out.copy()
+            for axis in axes:
+                out[0, rays:] = flip_rays(out[0, rays:], "y" if axis == 2 else "x")
         total = out if total is None else total + out
     return (total / len(flips))[0, :, :h, :w]
 
@@ -108,7 +115,7 @@ def tile_starts(size: int, tile: int, overlap: int) -> tuple[list[int], int]:
 
 
 def predict_maps(runner: Runner, image: np.ndarray, tile_size: int = TILE_SIZE, overlap: int = TILE_OVERLAP,
-                 tta: bool = False, vectors: tuple[int, int] | None = None) -> np.ndarray:
+                 tta: bool = False, vectors: tuple[int, int] | None = None, rays: int | None = None) -> np.ndarray:
     """Probability maps (C, H, W) float32 for a normalised (H, W, 3) image of any size
     (``vectors``: see :func:`_run_padded`).
 
@@ -118,7 +125,7 @@ def predict_maps(runner: Runner, image: np.ndarray, tile_size: int = TILE_SIZE, 
     """
     h, w = image.shape[:2]
     if h <= tile_size and w <= tile_size:
-        return _run_padded(runner, image, tta, vectors)
+        return _run_padded(runner, image, tta, vectors, rays)
     tile_size = max(STRIDE, tile_size - tile_size % STRIDE)
     overlap = min(overlap, tile_size // 2)
     acc, weight = None, np.zeros((h, w), np.float32)
@@ -127,7 +134,7 @@ def predict_maps(runner: Runner, image: np.ndarray, tile_size: int = TILE_SIZE, 
     for y in ys:
         for x in xs:
             tile = image[y:y + th_tile, x:x + tw_tile]
-            maps = _run_padded(runner, tile, tta, vectors)
+            maps = _run_padded(runner, tile, tta, vectors, rays)
             th, tw = tile.shape[:2]
             # no ramp on the image's own edges: only where a neighbouring tile exists
             wy = _ramp(th, overlap if h > tile_size else 0)

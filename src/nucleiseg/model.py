@@ -23,7 +23,7 @@ from .inference import TILE_OVERLAP, TILE_SIZE, MapsNet, OnnxRunner, TorchRunner
 from .io import read_image
 from .network import DEFAULT_DECODER, STRIDE, UNet
 from .postprocess import DEFAULT_THRESHOLDS, instances
-from .targets import DESIGNS, n_channels, vector_channels
+from .targets import DESIGNS, N_RAYS, n_channels, ray_channels, vector_channels
 from .transforms import DEFAULT_NORMALIZATION, normalize
 
 FORMAT = "nucleiseg-model"
@@ -42,7 +42,8 @@ AUTO_MIN_NUCLEI = 5  # fewer nuclei in the first pass (small images: neighbours 
 CLASS_NAMES = {"semantic": ["background", "nucleus"], "contour": ["background", "interior", "boundary"],
                "distance": ["background", "nucleus", "distance"],
                "contact": ["background", "nucleus", "distance", "contact"],
-               "flow": ["background", "nucleus", "distance", "flow_y", "flow_x"]}
+               "flow": ["background", "nucleus", "distance", "flow_y", "flow_x"],
+               "star": ["background", "nucleus", "distance", "flow_y", "flow_x"] + [f"ray_{k}" for k in range(N_RAYS)]}
 
 
 class ModelError(ValueError):
@@ -240,7 +241,8 @@ class Model:
         """Probability maps for an image already normalised with this model's settings (H, W, 3)."""
         inf = self.config.get("inference", {})
         return predict_maps(self._runner, image, tile_size=tile_size or inf.get("tile_size", TILE_SIZE),
-                            overlap=inf.get("tile_overlap", TILE_OVERLAP), tta=tta, vectors=vector_channels(self.design))
+                            overlap=inf.get("tile_overlap", TILE_OVERLAP), tta=tta, vectors=vector_channels(self.design),
+                            rays=ray_channels(self.design))
 
     def rescale_factor(self, diameter: float | None) -> float:
         """Image zoom that brings nuclei of ``diameter`` pixels to the size the model was trained on."""

@@ -12,7 +12,11 @@ the seed regions where touching nuclei meet; the watershed then floods the seed 
 threshold: faint specks and spurious blobs score lower than real nuclei; 0 keeps every object),
 ``flow_seed`` (flow design: a centre needs at least this many pixels' flow paths ending within its
 3x3 neighbourhood to seed a nucleus; 0: seeds from the distance map as in the distance design, the flows
-having served only as a training target, which tuning chooses when it separates nuclei better).
+having served only as a training target, which tuning chooses when it separates nuclei better),
+``star_nms`` (star design: > 0 keeps StarDist's star-convex polygons instead of the watershed: every pixel
+of the mask whose distance map exceeds ``marker`` proposes the polygon of its predicted ray lengths, scored
+by that distance; polygons overlapping a better one with an IoU above ``star_nms`` are suppressed; 0: the
+flow design's post-processing).
 """
 from __future__ import annotations
 
@@ -22,10 +26,10 @@ from skimage.measure import label as connected_components
 from skimage.morphology import h_maxima
 from skimage.segmentation import relabel_sequential, watershed
 
-WITH_DISTANCE = ("distance", "contact", "flow")  # designs whose third map is the normalised distance to the border
+WITH_DISTANCE = ("distance", "contact", "flow", "star")  # designs whose third map is the normalised distance to the border
 # flow_seed 0: an untuned flow model seeds from its distance map, which tuning chose on DSB2018 (RESULTS, stage 10)
 DEFAULT_THRESHOLDS = {"mask": 0.5, "marker": 0.5, "min_size": 15, "peak_h": 0.0, "contact": 0.5, "object_prob": 0.0,
-                      "flow_seed": 0}
+                      "flow_seed": 0, "star_nms": 0.0}
 SEED_SMOOTHING = 1.0  # sigma (pixels) of the Gaussian applied to the seed map before finding peaks
 FLOW_STEPS = 100  # most steps (one pixel each) followed along the flows: nuclei up to ~200 pixels across
 SETTLE_STEPS = 10  # a flow path that moved less than a pixel in this many steps has arrived
@@ -71,7 +75,11 @@ def instances(maps: np.ndarray, design: str, thresholds: dict | None = None) -> 
     else:
         raise ValueError(f"unknown target design {design!r}")
     seed_region = mask & (maps[3] <= t["contact"]) if design == "contact" else mask
-    if design == "flow" and t["flow_seed"] > 0:
+    if design == "star" and t["star_nms"] > 0:
+        labels = star_polygons(maps[5:], seed_map, seed_region & (seed_map > t["marker"]), t["star_nms"])
+        labels = remove_unsure(_fill_holes_per_object(labels), fg, t["object_prob"])
+        return remove_small(labels, int(t["min_size"])).astype(np.int32)
+    if design in ("flow", "star") and t["flow_seed"] > 0:
         markers = flow_markers(maps[3:5], mask, int(t["flow_seed"]))
     elif t["peak_h"] > 0:
         seed_map = ndi.gaussian_filter(seed_map.astype(np.float32), SEED_SMOOTHING)
@@ -89,6 +97,48 @@ def instances(maps: np.ndarray, design: str, thresholds: dict | None = None) -> 
         labels[orphans > 0] = orphans[orphans > 0] + labels.max()
     labels = remove_unsure(_fill_holes_per_object(labels), fg, t["object_prob"])
     return remove_small(labels, int(t["min_size"])).astype(np.int32)
+
+
+def star_polygons(rays: np.ndarray, score: np.ndarray, candidates: np.ndarray, nms: float) -> np.ndarray:
+    """Labels (H, W) from StarDist's non-maximum suppression: in order of ``score``, each pixel of
+    ``candidates`` proposes the polygon of its ray lengths ``rays`` (K, H, W; angles 2 pi k / K), kept unless
+    its IoU with a kept polygon exceeds ``nms``; kept polygons are painted best last, so they win overlaps.
+    Unlike StarDist, a pixel already inside a kept polygon proposes nothing, which makes this linear in the
+    number of nuclei rather than of pixels."""
+    from skimage.draw import polygon
+
+    h, w = score.shape
+    ys, xs = np.nonzero(candidates)
+    order = np.argsort(-score[ys, xs], kind="stable")
+    ys, xs = ys[order], xs[order]
+    angles = 2 * np.pi * np.arange(rays.shape[0]) / rays.shape[0]
+    sin, cos = np.sin(angles), np.cos(angles)
+    owner = np.zeros((h, w), np.int32)  # which kept polygon covers each pixel (the first kept, for the IoU)
+    areas = [0]
+    kept = []
+    for y, x in zip(ys, xs):
+        if owner[y, x] > 0:  # inside a better polygon: its own would mostly repeat that one (and it saves time)
+            continue
+        r = rays[:, y, x]
+        rr, cc = polygon(y + r * sin, x + r * cos, (h, w))
+        if rr.size == 0:
+            continue
+        hit = owner[rr, cc]
+        hit = hit[hit > 0]
+        if hit.size:
+            labels_hit, inter = np.unique(hit, return_counts=True)
+            iou = inter / (rr.size + np.asarray(areas)[labels_hit] - inter)
+            if iou.max() > nms:
+                continue
+        kept.append((rr, cc))
+        areas.append(rr.size)
+        free = owner[rr, cc] == 0
+        owner[rr[free], cc[free]] = len(kept)
+    labels = np.zeros((h, w), np.int32)
+    for i in range(len(kept) - 1, -1, -1):  # worst first: the best polygons are painted last
+        rr, cc = kept[i]
+        labels[rr, cc] = i + 1
+    return labels
 
 
 def follow_flows(flows: np.ndarray, mask: np.ndarray, steps: int = FLOW_STEPS) -> tuple[np.ndarray, np.ndarray]:

@@ -18,6 +18,9 @@ that :mod:`nucleiseg.postprocess` converts back into instances.
   end at the same centre form one nucleus, so touching nuclei split even where their distance maps merge.
   Measured on DSB2018 (benchmarks/RESULTS.md, stage 10), learning the flows improved the distance map, and
   seeding from that map (``flow_seed`` 0) separated nuclei better than the flows themselves.
+- ``star``: the flow design plus ``N_RAYS`` channels predicting, at each nucleus pixel, the distance to
+  its nucleus's border along rays at equal angles (StarDist's star-convex polygons). Post-processing can
+  keep the best-scoring polygons by non-maximum suppression (``star_nms``) instead of the watershed.
 """
 from __future__ import annotations
 
@@ -29,12 +32,15 @@ from skimage.segmentation import expand_labels, find_boundaries
 
 from .postprocess import WITH_DISTANCE  # defined there: post-processing stays free of torch
 
-DESIGNS = ("semantic", "contour", "distance", "contact", "flow")
+DESIGNS = ("semantic", "contour", "distance", "contact", "flow", "star")
+N_RAYS = 16  # star design: rays per pixel (angles 2 pi k / N_RAYS, k = 0 ... counter-clockwise from +x)
+RAY_SCALE = 16.0  # star design: ray lengths are learnt in units of this many pixels (targets ~0-3)
+MAX_RAY = 256  # star design: longest ray measured, pixels
 
 
 def n_channels(design: str) -> int:
     """Network output channels needed by a target design."""
-    return {"semantic": 2, "contour": 3, "distance": 3, "contact": 4, "flow": 5}[_check(design)]
+    return {"semantic": 2, "contour": 3, "distance": 3, "contact": 4, "flow": 5, "star": 5 + N_RAYS}[_check(design)]
 
 
 def _check(design: str) -> str:
@@ -84,6 +90,32 @@ def centre_flows(labels: np.ndarray) -> np.ndarray:
     return flows
 
 
+def ray_distances(labels: np.ndarray, n_rays: int = N_RAYS, max_steps: int = MAX_RAY) -> np.ndarray:
+    """(n_rays, H, W) distances in pixels from each nucleus pixel to its nucleus's border along rays at
+    angles 2 pi k / n_rays (y = sin, x = cos): the first pixel-centred step that leaves the nucleus (or the
+    image) minus half a pixel, so a polygon through the ray ends covers exactly the pixels passed. 0 on background."""
+    h, w = labels.shape
+    padded = np.pad(labels, 1).ravel()  # outside the image counts as background
+    ys, xs = np.nonzero(labels)
+    own = labels[ys, xs]
+    out = np.zeros((n_rays, h, w), np.float32)
+    for k in range(n_rays):
+        dy, dx = np.sin(2 * np.pi * k / n_rays), np.cos(2 * np.pi * k / n_rays)
+        alive = np.arange(ys.size)
+        dist = np.full(ys.size, max_steps, np.float32)
+        for s in range(1, max_steps + 1):
+            py = np.clip(np.rint(ys[alive] + s * dy).astype(np.int64) + 1, 0, h + 1)
+            px = np.clip(np.rint(xs[alive] + s * dx).astype(np.int64) + 1, 0, w + 1)
+            left = padded[py * (w + 2) + px] != own[alive]
+            if left.any():
+                dist[alive[left]] = s - 0.5
+                alive = alive[~left]
+                if alive.size == 0:
+                    break
+        out[k, ys, xs] = dist
+    return out
+
+
 def contact_map(labels: np.ndarray, radius: int = 2) -> np.ndarray:
     """1 where a (2 radius + 1)-square window holds two different nuclei (where touching or nearly
     touching nuclei meet, background gaps included), else 0."""
@@ -115,14 +147,17 @@ def encode(labels: np.ndarray, design: str) -> np.ndarray:
     if design == "contour":
         return contour_classes(labels).astype(np.float32)[None]
     maps = [(labels > 0).astype(np.float32), normalised_distance(labels), contact_map(labels), small_nucleus_map(labels)]
-    if design == "flow":
+    if design in ("flow", "star"):
         maps += list(centre_flows(labels))
+    if design == "star":
+        maps += list(ray_distances(labels) / RAY_SCALE)
     return np.stack(maps)
 
 
 def loss(logits: torch.Tensor, target: torch.Tensor, design: str, boundary_weight: float = 3.0,
          dice_weight: float = 0.0, contact_weight: float = 0.0, contact_pos_weight: float = 1.0,
-         small_weight: float = 0.0, distance_weight: float = 1.0, flow_weight: float = 1.0) -> torch.Tensor:
+         small_weight: float = 0.0, distance_weight: float = 1.0, flow_weight: float = 1.0,
+         ray_weight: float = 1.0) -> torch.Tensor:
     """Cross-entropy (class-weighted for boundaries) + optional Dice on foreground, + distance BCE.
 
     ``contact_weight`` (distance designs): pixels of the contact map count ``1 + contact_weight`` times
@@ -135,6 +170,8 @@ def loss(logits: torch.Tensor, target: torch.Tensor, design: str, boundary_weigh
     positive (contact) pixels counting ``contact_pos_weight`` times: they are only ~0.4% of all pixels.
     The flow design adds ``flow_weight`` times the squared error of its (tanh) flow channels against the
     centre flows, averaged over nucleus pixels (background has no centre), weighted like the rest.
+    The star design adds ``ray_weight`` times the mean absolute error of its (softplus) ray lengths, in
+    units of ``RAY_SCALE`` pixels, over nucleus pixels and rays, weighted like the rest (StarDist's loss).
     """
     design = _check(design)
     logits = logits.float()
@@ -163,19 +200,28 @@ def loss(logits: torch.Tensor, target: torch.Tensor, design: str, boundary_weigh
     if design == "contact":
         pos_weight = torch.tensor(contact_pos_weight, device=logits.device)
         total = total + F.binary_cross_entropy_with_logits(logits[:, 3], target[:, 2], pos_weight=pos_weight)
-    if design == "flow":
+    n_nucleus = target[:, 0].sum().clamp(min=1.0)
+    if design in ("flow", "star"):
         error = ((torch.tanh(logits[:, 3:5]) - target[:, 4:6]) ** 2).sum(1) * target[:, 0]
         if pixel_weight is not None:
             error = error * pixel_weight
-        total = total + flow_weight * error.sum() / target[:, 0].sum().clamp(min=1.0)
+        total = total + flow_weight * error.sum() / n_nucleus
+    if design == "star":
+        error = (F.softplus(logits[:, 5:]) - target[:, 6:]).abs().mean(1) * target[:, 0]
+        if pixel_weight is not None:
+            error = error * pixel_weight
+        total = total + ray_weight * error.sum() / n_nucleus
     return total
 
 
 def probabilities(logits: torch.Tensor, design: str) -> torch.Tensor:
     """Logits (N, C, H, W) -> probability maps (N, C, H, W) that post-processing reads."""
     design = _check(design)
-    if design == "flow":
-        return torch.cat([torch.softmax(logits[:, :2], dim=1), torch.sigmoid(logits[:, 2:3]), torch.tanh(logits[:, 3:5])], dim=1)
+    if design in ("flow", "star"):
+        maps = [torch.softmax(logits[:, :2], dim=1), torch.sigmoid(logits[:, 2:3]), torch.tanh(logits[:, 3:5])]
+        if design == "star":
+            maps.append(F.softplus(logits[:, 5:]) * RAY_SCALE)  # ray lengths in pixels
+        return torch.cat(maps, dim=1)
     if design in WITH_DISTANCE:
         return torch.cat([torch.softmax(logits[:, :2], dim=1), torch.sigmoid(logits[:, 2:])], dim=1)
     return torch.softmax(logits, dim=1)
@@ -183,7 +229,20 @@ def probabilities(logits: torch.Tensor, design: str) -> torch.Tensor:
 
 def vector_channels(design: str) -> tuple[int, int] | None:
     """Indices (y, x) of the maps that are vectors, whose sign a flip reverses (flip TTA), or None."""
-    return (3, 4) if _check(design) == "flow" else None
+    return (3, 4) if _check(design) in ("flow", "star") else None
+
+
+def ray_channels(design: str) -> int | None:
+    """Index of the first ray-length map (star design), or None: a flip reorders the rays (flip TTA)."""
+    return 5 if _check(design) == "star" else None
+
+
+def flip_rays(rays: np.ndarray, axis: str) -> np.ndarray:
+    """Ray-length maps (N_RAYS, ...) of a flipped image reordered to the original's rays: flipping y turns
+    angle a into -a, flipping x turns it into pi - a (maps themselves are flipped back separately)."""
+    n = rays.shape[0]
+    k = np.arange(n)
+    return rays[(-k) % n] if axis == "y" else rays[(n // 2 - k) % n]
 
 
 def foreground(maps: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:

@@ -24,7 +24,7 @@ from .data import SegmentationDataset, find_samples, load_items, median_diameter
 from .model import Model, build_network, make_config, read_config
 from .network import DEFAULT_DECODER, STRIDE
 from .postprocess import instances
-from .targets import foreground, loss as target_loss, probabilities
+from .targets import N_RAYS, foreground, loss as target_loss, probabilities
 from .weights import load_encoder_weights
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class TrainConfig:
     small_weight: float = 0.0  # distance designs: extra loss weight on small nuclei and a ring around them
     distance_weight: float = 1.0  # distance designs: weight of the distance map's loss against the class loss
     flow_weight: float = 1.0  # flow design: weight of the centre flows' squared error
+    ray_weight: float = 1.0  # star design: weight of the ray lengths' absolute error
     contact_pos_weight: float = 20.0  # contact design: weight of contact pixels in its contact channel's loss (measured: 1 leaves it inert)
     init_model: str | None = None  # start from this model folder ('default': the bundled one), not ImageNet
     crops_per_image: int = 1
@@ -179,14 +180,20 @@ def _pad(x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, (0, pw, 0, ph), mode=mode)
 
 
-def add_contact_channel(state: dict[str, torch.Tensor], prior: float = 0.05) -> dict[str, torch.Tensor]:
-    """A distance model's weights with a fourth (contact) output added to its head, so a contact model
-    can start from it: the first three outputs are unchanged, the new one starts at ``prior`` everywhere."""
+def add_outputs(state: dict[str, torch.Tensor], n: int, logit: float) -> dict[str, torch.Tensor]:
+    """A model's weights with ``n`` outputs added to its head (a distance model's contact channel, a flow
+    model's rays), so a richer design can start from it: the old outputs are unchanged, the new ones start
+    at the constant logit ``logit`` everywhere."""
     state = dict(state)
     weight, bias = state["head.weight"], state["head.bias"]
-    state["head.weight"] = torch.cat([weight, torch.zeros_like(weight[:1])])
-    state["head.bias"] = torch.cat([bias, torch.full_like(bias[:1], float(np.log(prior / (1 - prior))))])
+    state["head.weight"] = torch.cat([weight, torch.zeros_like(weight[:1]).repeat(n, 1, 1, 1)])
+    state["head.bias"] = torch.cat([bias, torch.full_like(bias[:1], logit).repeat(n)])
     return state
+
+
+# fine-tuning into a design with more outputs: (source design, design) -> (outputs added, their starting logit)
+WIDENINGS = {("distance", "contact"): (1, float(np.log(0.05 / 0.95))),  # contact probability 0.05
+             ("flow", "star"): (N_RAYS, float(np.log(np.expm1(0.5))))}  # rays of 0.5 x RAY_SCALE = 8 px
 
 
 def grow_decoder(net: torch.nn.Module, state: dict[str, torch.Tensor], source_full_res: int) -> list[str]:
@@ -252,20 +259,20 @@ class SegmentationModule(L.LightningModule):
         if self.cfg.init_model:
             source = Model.load(self.cfg.init_model)
             ours = json.loads(json.dumps(self.model_config))
-            widen = source.design == "distance" and self.design == "contact"
+            widen = WIDENINGS.get((source.design, self.design))
             body = lambda arch: {k: v for k, v in arch.items()  # noqa: E731
                                  if k not in ("out_channels", "full_res_channels", "decoder_channels")}
             if ((source.design != self.design and not widen) or source.config["normalization"] != ours["normalization"]
                     or body(source.config["architecture"]) != body(ours["architecture"])):
                 raise ValueError(f"{self.cfg.init_model}: its design, architecture or normalisation differ from this "
                                  f"run's ({source.design} vs {self.design}); fine-tune with the same --design and decoder "
-                                 "(or a distance model into --design contact)")
+                                 "(or a distance model into --design contact, a flow model into --design star)")
             state = source.net.state_dict()
             if widen:
-                state = add_contact_channel(state)
+                state = add_outputs(state, *widen)
             grown = grow_decoder(self.net, state, source.config["architecture"].get("full_res_channels", 0))
             self.net.load_state_dict(state)
-            return (f"model {self.cfg.init_model}" + (" (+ a new contact channel)" if widen else "")
+            return (f"model {self.cfg.init_model}" + (f" (+ {widen[0]} new output{'s' * (widen[0] > 1)})" if widen else "")
                     + "".join(f" (+ {g})" for g in grown))
         return "encoder " + load_encoder_weights(self.net.encoder, self.cfg.encoder_weights)
 
@@ -282,7 +289,8 @@ class SegmentationModule(L.LightningModule):
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         c = self.cfg
         return target_loss(logits, target, self.design, c.boundary_weight, c.dice_weight, c.contact_weight,
-                           c.contact_pos_weight, c.small_weight, c.distance_weight, c.flow_weight)
+                           c.contact_pos_weight, c.small_weight, c.distance_weight, c.flow_weight,
+                           c.ray_weight)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
