@@ -12,7 +12,7 @@ import numpy as np
 from .data import find_samples, load_items
 from .figures import outlines_figure
 from .metrics import instance_metrics, pixel_metrics, pooled_dsb_score, pooled_matching
-from .postprocess import instances
+from .postprocess import WITH_FLOWS, instances
 
 IMAGE_TYPES = ("fluorescence", "brightfield", "histology")
 
@@ -48,7 +48,7 @@ def tune_thresholds(maps: list[np.ndarray], labels: list[np.ndarray], design: st
             "star_nms": [0.0, 0.2, 0.3, 0.4, 0.5, 0.6]}
     if design != "contact":
         del grid["contact"]
-    if design not in ("flow", "star"):  # flow design: seeds from the flows, or (flow_seed 0) from the distance map
+    if design not in WITH_FLOWS:  # flow design: seeds from the flows, or (flow_seed 0) from the distance map
         del grid["flow_seed"]
     if design != "star":  # star design: polygons and non-maximum suppression, or (star_nms 0) as the flow design
         del grid["star_nms"]

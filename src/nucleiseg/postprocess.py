@@ -27,6 +27,7 @@ from skimage.morphology import h_maxima
 from skimage.segmentation import relabel_sequential, watershed
 
 WITH_DISTANCE = ("distance", "contact", "flow", "star")  # designs whose third map is the normalised distance to the border
+WITH_FLOWS = ("flow", "star")  # designs whose fourth and fifth maps are the centre flows
 # flow_seed 0: an untuned flow model seeds from its distance map, which tuning chose on DSB2018 (RESULTS, stage 10)
 DEFAULT_THRESHOLDS = {"mask": 0.5, "marker": 0.5, "min_size": 15, "peak_h": 0.0, "contact": 0.5, "object_prob": 0.0,
                       "flow_seed": 0, "star_nms": 0.0}
@@ -79,7 +80,7 @@ def instances(maps: np.ndarray, design: str, thresholds: dict | None = None) -> 
         labels = star_polygons(maps[5:], seed_map, seed_region & (seed_map > t["marker"]), t["star_nms"])
         labels = remove_unsure(_fill_holes_per_object(labels), fg, t["object_prob"])
         return remove_small(labels, int(t["min_size"])).astype(np.int32)
-    if design in ("flow", "star") and t["flow_seed"] > 0:
+    if design in WITH_FLOWS and t["flow_seed"] > 0:
         markers = flow_markers(maps[3:5], mask, int(t["flow_seed"]))
     elif t["peak_h"] > 0:
         seed_map = ndi.gaussian_filter(seed_map.astype(np.float32), SEED_SMOOTHING)

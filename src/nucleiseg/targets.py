@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from scipy import ndimage as ndi
 from skimage.segmentation import expand_labels, find_boundaries
 
-from .postprocess import WITH_DISTANCE  # defined there: post-processing stays free of torch
+from .postprocess import WITH_DISTANCE, WITH_FLOWS  # defined there: post-processing stays free of torch
 
 DESIGNS = ("semantic", "contour", "distance", "contact", "flow", "star")
 N_RAYS = 16  # star design: rays per pixel (angles 2 pi k / N_RAYS, k = 0 ... counter-clockwise from +x)
@@ -147,7 +147,7 @@ def encode(labels: np.ndarray, design: str) -> np.ndarray:
     if design == "contour":
         return contour_classes(labels).astype(np.float32)[None]
     maps = [(labels > 0).astype(np.float32), normalised_distance(labels), contact_map(labels), small_nucleus_map(labels)]
-    if design in ("flow", "star"):
+    if design in WITH_FLOWS:
         maps += list(centre_flows(labels))
     if design == "star":
         maps += list(ray_distances(labels) / RAY_SCALE)
@@ -201,7 +201,7 @@ def loss(logits: torch.Tensor, target: torch.Tensor, design: str, boundary_weigh
         pos_weight = torch.tensor(contact_pos_weight, device=logits.device)
         total = total + F.binary_cross_entropy_with_logits(logits[:, 3], target[:, 2], pos_weight=pos_weight)
     n_nucleus = target[:, 0].sum().clamp(min=1.0)
-    if design in ("flow", "star"):
+    if design in WITH_FLOWS:
         error = ((torch.tanh(logits[:, 3:5]) - target[:, 4:6]) ** 2).sum(1) * target[:, 0]
         if pixel_weight is not None:
             error = error * pixel_weight
@@ -217,7 +217,7 @@ def loss(logits: torch.Tensor, target: torch.Tensor, design: str, boundary_weigh
 def probabilities(logits: torch.Tensor, design: str) -> torch.Tensor:
     """Logits (N, C, H, W) -> probability maps (N, C, H, W) that post-processing reads."""
     design = _check(design)
-    if design in ("flow", "star"):
+    if design in WITH_FLOWS:
         maps = [torch.softmax(logits[:, :2], dim=1), torch.sigmoid(logits[:, 2:3]), torch.tanh(logits[:, 3:5])]
         if design == "star":
             maps.append(F.softplus(logits[:, 5:]) * RAY_SCALE)  # ray lengths in pixels
@@ -229,7 +229,7 @@ def probabilities(logits: torch.Tensor, design: str) -> torch.Tensor:
 
 def vector_channels(design: str) -> tuple[int, int] | None:
     """Indices (y, x) of the maps that are vectors, whose sign a flip reverses (flip TTA), or None."""
-    return (3, 4) if _check(design) in ("flow", "star") else None
+    return (3, 4) if _check(design) in WITH_FLOWS else None
 
 
 def ray_channels(design: str) -> int | None:
