@@ -63,7 +63,31 @@ def training_line(tr: dict, boundary: str, label: str = "Training") -> str:
             f"  encoder BatchNorm {tr.get('encoder_bn', 'train')}; {tr['wall_time_s'] / 60:.1f} min wall time on a 2-core CPU.")
 
 
-def card(config: dict, evaluation: dict, split_config: dict, command: str, thresholds: dict) -> str:
+def figure_rows(evaluation: dict) -> str:
+    """Table rows of an evaluation's metrics, all images then each image type."""
+    return "\n".join(
+        f"| {name} | {g['n_images']} | {g['dsb_score']:.3f} | {g['ap50']:.3f} | {g['f1_50']:.3f} | "
+        f"{g['foreground_iou']:.3f} | {g['pixel_accuracy']:.3f} |"
+        for name, g in [("all", evaluation["summary"]), *evaluation["by_type"].items()])
+
+
+def tta_section(evaluation_tta: dict | None) -> str:
+    """The card's figures with test-time augmentation and its own thresholds, when measured."""
+    if evaluation_tta is None:
+        return ""
+    t = evaluation_tta["thresholds"]
+    return f"""
+With `--tta` (the 8 flips and transposes averaged, 8 network passes) and the thresholds tuned on those
+averaged maps (`thresholds.json`, key `tta`: peak_h {t['peak_h']}, object_prob {t['object_prob']}, the rest as above), same images:
+
+| images | n | DSB score | AP@0.5 | F1@0.5 | foreground IoU | pixel accuracy |
+|---|---|---|---|---|---|---|
+{figure_rows(evaluation_tta)}
+"""
+
+
+def card(config: dict, evaluation: dict, split_config: dict, command: str, thresholds: dict,
+         evaluation_tta: dict | None = None) -> str:
     """The model card; stages fine-tuned from another model (``--init-model``) are listed in order."""
     tr = config["training"]
     s = evaluation["summary"]
@@ -76,10 +100,7 @@ def card(config: dict, evaluation: dict, split_config: dict, command: str, thres
         training_line(c["training"], boundary, f"Training, stage {k + 1} " + (
             "(from ImageNet)" if k == 0 else f"(fine-tuned from stage {k}, `{c['training']['init_model']}`)"))
         for k, c in enumerate(chain))
-    rows = "\n".join(
-        f"| {name} | {g['n_images']} | {g['dsb_score']:.3f} | {g['ap50']:.3f} | {g['f1_50']:.3f} | "
-        f"{g['foreground_iou']:.3f} | {g['pixel_accuracy']:.3f} |"
-        for name, g in [("all", s), *evaluation["by_type"].items()])
+    rows = figure_rows(evaluation)
     full_res = config["architecture"].get("full_res_channels", 0)
     skip = (f"; a full-resolution skip: {full_res} channels from a 3x3 convolution of the image into the last"
             " decoder block" if full_res else "")
@@ -111,7 +132,7 @@ model's recipe earns on images it has not seen.{' The model here was then traine
 | images | n | DSB score | AP@0.5 | F1@0.5 | foreground IoU | pixel accuracy |
 |---|---|---|---|---|---|---|
 {rows}
-
+{tta_section(evaluation_tta)}
 DSB score: mean over IoU thresholds 0.50..0.95 of TP/(TP+FP+FN), per image, averaged over images.
 AP@0.5 = TP/(TP+FP+FN) at IoU 0.5 (DSB2018 / StarDist convention). Image types grouped by colour statistics.
 
@@ -130,6 +151,8 @@ def main() -> None:
     parser.add_argument("--final", type=Path, required=True)
     parser.add_argument("--validation", type=Path, required=True)
     parser.add_argument("--evaluation", type=Path, required=True)
+    parser.add_argument("--evaluation-tta", type=Path, default=None,
+                        help="metrics.json of `nucleiseg evaluate --tta` on the split run, after `nucleiseg tune --tta`")
     parser.add_argument("--command", required=True)
     parser.add_argument("--dest", type=Path, default=DEFAULT_MODEL_DIR)
     parser.add_argument("--note", default="", help="a paragraph added to the card under 'Notes'")
@@ -137,6 +160,7 @@ def main() -> None:
     model = Model.load(args.final / "model")
     split_config = read_config(args.validation / "model" if (args.validation / "model").is_dir() else args.validation)
     evaluation = json.loads(args.evaluation.read_text())
+    evaluation_tta = json.loads(args.evaluation_tta.read_text()) if args.evaluation_tta else None
     # current inference defaults (tiling, block size) of this nucleiseg version
     model.config["inference"] = {**model.config["inference"], **make_config(model.design)["inference"]}
     model.config["data"]["val_fraction_of_threshold_run"] = split_config["data"]["val_fraction"]
@@ -145,8 +169,11 @@ def main() -> None:
         shutil.rmtree(args.dest)
     model.save(args.dest, half=True, metrics={"validation_of_recipe": evaluation["summary"],
                                               "validation_by_type": evaluation["by_type"],
+                                              **({"validation_of_recipe_tta": evaluation_tta["summary"],
+                                                  "validation_by_type_tta": evaluation_tta["by_type"]} if evaluation_tta else {}),
                                               "note": "measured with the 80:20 run of the same recipe"})
-    (args.dest / "README.md").write_text(card(model.config, evaluation, split_config, args.command, model.thresholds)
+    (args.dest / "README.md").write_text(card(model.config, evaluation, split_config, args.command, model.thresholds,
+                                                evaluation_tta)
                                            + (f"\n## Notes\n\n{args.note}\n" if args.note else ""))
     print(f"packaged {args.final} -> {args.dest}")
 

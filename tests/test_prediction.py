@@ -80,7 +80,7 @@ def test_onnx_backend_matches_torch(model, tmp_path):
     assert iou.shape[0] == iou.shape[1] and (iou.shape[0] == 0 or iou.max(axis=1).min() > 0.95)
 
 
-def test_tta_averages_flips(model):
+def test_tta_averages_flips_and_transposes(model):
     image, _ = nuclei_image((128, 160), n=12, seed=6)
     plain, tta = model.predict_maps(image), model.predict_maps(image, tta=True)
     assert tta.shape == plain.shape and not np.array_equal(tta, plain)
@@ -95,6 +95,11 @@ def test_tta_averages_flips(model):
     if vectors:
         mirrored[vectors[1]] *= -1
     assert np.allclose(mirrored, tta, atol=1e-4)
+    # and the transposed image the transposed result (rows and columns swap, so do the vector components)
+    transposed = model.predict_maps(np.ascontiguousarray(np.swapaxes(image, 0, 1)), tta=True).transpose(0, 2, 1).copy()
+    if vectors:
+        transposed[vectors] = transposed[vectors[::-1]].copy()
+    assert np.allclose(transposed, tta, atol=1e-4)
 
 
 def test_tta_negates_vector_channels_of_flipped_passes():
@@ -311,6 +316,37 @@ def test_tune_command_saves_thresholds_no_worse_than_before(tmp_path, capsys):
     assert main(["evaluate", "--model", str(model_dir), "--data", str(data), "-o", str(tmp_path / "e1"), "--quiet"]) == 0
     score_after = json.loads((tmp_path / "e1" / "metrics.json").read_text())["summary"]["dsb_score"]
     assert score_after == pytest.approx(after["tuned_dsb_score"], abs=1e-4)
+
+
+def test_tune_tta_keeps_its_own_thresholds_used_with_tta(tmp_path, capsys):
+    import shutil
+
+    data = make_labels_layout(tmp_path / "ds", n=3, shape=(128, 128))
+    model_dir = tmp_path / "model"
+    shutil.copytree(nucleiseg.model.DEFAULT_MODEL_DIR, model_dir)
+    before = json.loads((model_dir / "thresholds.json").read_text())
+    assert main(["tune", "--model", str(model_dir), "--data", str(data), "--subset", "all", "--tta", "--quiet"]) == 0
+    assert "(key 'tta')" in capsys.readouterr().out
+    after = json.loads((model_dir / "thresholds.json").read_text())
+    assert all(after[k] == v for k, v in before.items() if k != "tta")  # the plain thresholds are kept
+    assert {"mask", "marker", "peak_h", "tuned_dsb_score"} <= set(after["tta"])
+    # evaluation with --tta scores with the TTA thresholds (the score tuning found), without it with the plain ones
+    assert main(["evaluate", "--model", str(model_dir), "--data", str(data), "-o", str(tmp_path / "e"), "--tta", "--quiet"]) == 0
+    report = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert report["summary"]["dsb_score"] == pytest.approx(after["tta"]["tuned_dsb_score"], abs=1e-4)
+    assert report["thresholds"]["mask"] == after["tta"]["mask"]
+
+
+def test_tta_thresholds_apply_only_with_tta(model):
+    import copy
+
+    image, _ = nuclei_image((96, 96), n=6, seed=3)
+    m = copy.copy(model)
+    m.thresholds = {**model.thresholds, "tta": {"min_size": 10**6}}  # TTA thresholds that keep nothing
+    assert m.thresholds_for(True)["min_size"] == 10**6 and m.thresholds_for(False)["min_size"] == model.thresholds["min_size"]
+    assert m.thresholds_for(True, {"min_size": 5})["min_size"] == 5  # explicit overrides win
+    assert m.predict(image, tta=True).max() == 0
+    assert m.predict(image).max() > 0
 
 
 def test_export_and_onnx_backend_cli(tmp_path, capsys):

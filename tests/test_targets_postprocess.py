@@ -10,7 +10,8 @@ from nucleiseg.postprocess import (flow_markers, follow_flows, instances, peak_m
                                    star_polygons)
 from nucleiseg.synthetic import nuclei_image
 from nucleiseg.targets import (N_RAYS, RAY_SCALE, centre_flows, contact_map, contour_classes, encode, flip_rays, loss,
-                               n_channels, normalised_distance, probabilities, ray_distances, small_nucleus_map)
+                               n_channels, normalised_distance, probabilities, ray_distances, small_nucleus_map,
+                               transpose_rays)
 
 
 def two_touching_discs():
@@ -368,6 +369,14 @@ def test_flip_rays_matches_the_rays_of_the_flipped_labels():
     for axis, name in ((0, "y"), (1, "x")):
         flipped = ray_distances(np.ascontiguousarray(np.flip(lab, axis)))
         assert np.array_equal(np.flip(flip_rays(flipped, name), axis + 1), rays)
+
+
+def test_transpose_rays_matches_the_rays_of_the_transposed_labels():
+    _, lab = nuclei_image((80, 112), n=12, seed=5, touching=0.5)
+    rays = ray_distances(lab)
+    transposed = ray_distances(np.ascontiguousarray(lab.T))
+    assert np.allclose(transpose_rays(transposed).transpose(0, 2, 1), rays)
+    assert not np.allclose(transposed.transpose(0, 2, 1), rays)  # unordered, the rays point elsewhere
 
 
 def test_star_polygons_keep_one_polygon_per_nucleus_and_suppress_overlaps():

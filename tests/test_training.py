@@ -238,6 +238,55 @@ def test_cosine_run_keeps_its_last_annealed_weights(trained, tmp_path):
         train(TrainConfig(data="", out=str(tmp_path / "cos"), progress=False), resume=True, epochs=6)
 
 
+def test_weight_averaging_keeps_the_mean_of_the_last_epochs():
+    from types import SimpleNamespace
+
+    import torch
+
+    from nucleiseg.training import WeightAveraging
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    module = SimpleNamespace(net=net)
+    averaging = WeightAveraging(2, epochs=4)  # epochs 2 and 3 of 0..3
+    seen = []
+    for epoch in range(4):
+        with torch.no_grad():
+            net[0].weight.fill_(float(epoch + 1))
+            net[1].running_mean.fill_(10.0 * epoch)
+        seen.append(net[0].weight.clone())
+        averaging.on_train_epoch_end(SimpleNamespace(current_epoch=epoch, sanity_checking=False), module)
+    assert averaging.count == 2
+    assert torch.allclose(averaging.mean["0.weight"], (seen[2] + seen[3]) / 2)  # 3.5: epochs 2 and 3 only
+    assert torch.allclose(averaging.mean["1.running_mean"], torch.full((2,), 25.0))
+    assert "1.num_batches_tracked" not in averaging.mean  # integer counters are not averaged
+    restored = WeightAveraging(2, epochs=4)
+    restored.load_state_dict(averaging.state_dict())  # what a checkpoint carries to a resumed run
+    assert restored.count == 2 and torch.equal(restored.mean["0.weight"], averaging.mean["0.weight"])
+
+
+def test_averaged_run_saves_the_mean_weights(trained, tmp_path):
+    import csv
+
+    import torch
+
+    model_dir, run = trained
+    cfg = TrainConfig(data=json.loads((run / "train_config.json").read_text())["data"], out=str(tmp_path / "avg"),
+                      design="contour", epochs=3, batch_size=8, crop=96, lr=1e-3, schedule="constant", average_last=2,
+                      encoder_weights="none", init_model=str(model_dir), progress=False, previews=0)
+    model = Model.load(train(cfg))
+    lrs = [float(row["lr"]) for row in csv.DictReader(open(tmp_path / "avg" / "history.csv"))]
+    assert lrs == [1e-3] * 3
+    assert model.config["training"]["epochs_averaged"] == 2
+    last = torch.load(tmp_path / "avg" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    mean = next(v for k, v in last["callbacks"].items() if k.startswith("WeightAveraging"))["mean"]
+    weights = {k[len("net."):]: v for k, v in last["state_dict"].items() if k.startswith("net.")}
+    saved = model.net.state_dict()
+    assert all(torch.allclose(saved[k], mean[k]) for k in mean)
+    assert not all(torch.equal(saved[k], weights[k]) for k in mean)  # not the last epoch's weights
+    with pytest.raises(ValueError, match="average_last"):
+        TrainConfig(data="", epochs=3, average_last=4)
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "plateau"])
 def test_learning_rate_schedule(schedule):
     from nucleiseg.model import make_config

@@ -60,8 +60,11 @@ def _add_train(sub) -> None:
                    help="> 0: crops per image proportional to (frequency of its type: fluorescence, brightfield, "
                         "histology) ** -VALUE, so rare types are seen more (0.5: inverse square root)")
     g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--schedule", choices=["plateau", "cosine"], default="plateau",
-                   help="learning rate: halve when validation loss stalls, or anneal (cosine) to lr/100 by the last epoch")
+    g.add_argument("--schedule", choices=["plateau", "cosine", "constant"], default="plateau",
+                   help="learning rate: halve when validation loss stalls, anneal (cosine) to lr/100 by the last "
+                        "epoch, or keep it (with --average-last)")
+    g.add_argument("--average-last", type=int, default=0, metavar="N",
+                   help="save the mean of the weights after each of the last N epochs (stochastic weight averaging)")
     g.add_argument("--patience", type=int, default=10, help="early stopping patience (epochs)")
     g.add_argument("--boundary-weight", type=float, default=3.0, help="cross-entropy weight of the boundary class")
     g.add_argument("--contact-weight", type=float, default=0.0,
@@ -116,7 +119,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--model", default=None, help="model folder (default: the bundled model)")
     _add_annotated_data(p, subset="all")
     p.add_argument("-o", "--out", default="evaluation", help="output folder")
-    p.add_argument("--tta", action="store_true", help="average predictions over flips")
+    p.add_argument("--tta", action="store_true", help="average predictions over the 8 flips and transposes (with the model's TTA thresholds)")
     p.add_argument("--diameter", default="none",
                    help="'none' (default): score each image at its own size, as thresholds are tuned; 'auto' or "
                         "a number of pixels: score what `nucleiseg predict --diameter` writes (images zoomed to "
@@ -132,6 +135,8 @@ def _add_tune(sub) -> None:
                        epilog="example: nucleiseg tune --model runs/dsb/model --data ../shared/data/dsb2018-stage1-train --subset val")
     p.add_argument("--model", required=True, help="model folder (its thresholds.json is rewritten)")
     _add_annotated_data(p, subset="val")
+    p.add_argument("--tta", action="store_true",
+                   help="tune the thresholds used with --tta (on test-time augmented maps), kept beside the plain ones")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -139,10 +144,12 @@ def cmd_tune(args) -> int:
     from .evaluate import tune
     from .model import Model
 
-    result = tune(Model.load(args.model), args.data, labels=args.labels, subset=args.subset, progress=not args.quiet)
+    result = tune(Model.load(args.model), args.data, labels=args.labels, subset=args.subset, progress=not args.quiet,
+                  tta=args.tta)
     t = result["thresholds"]
     print(f"DSB score {result['before']:.4f} -> {t['tuned_dsb_score']:.4f}; thresholds mask {t['mask']}, marker {t['marker']}, "
-          f"min_size {t['min_size']}, peak_h {t['peak_h']}, object_prob {t['object_prob']} saved to {args.model}/thresholds.json")
+          f"min_size {t['min_size']}, peak_h {t['peak_h']}, object_prob {t['object_prob']} saved to {args.model}/thresholds.json"
+          + (" (key 'tta')" if args.tta else ""))
     for problem in result["skipped"]:
         print(f"error: {problem}", file=sys.stderr)
     return 1 if result["skipped"] else 0
@@ -160,7 +167,7 @@ def cmd_train(args) -> int:
         cfg = TrainConfig(data=args.data, out=args.out, design=args.design, labels=args.labels,
                           epochs=args.epochs or TrainConfig.epochs,
                           batch_size=args.batch_size, crop=args.crop, augment=args.augment,
-                          scale_range=args.scale_range, lr=args.lr, schedule=args.schedule,
+                          scale_range=args.scale_range, lr=args.lr, schedule=args.schedule, average_last=args.average_last,
                           val_fraction=args.val_fraction,
                           seed=args.seed, encoder_weights=args.encoder_weights, freeze_encoder=args.freeze_encoder,
                           encoder_bn=args.encoder_bn,
@@ -231,7 +238,8 @@ def _add_predict(sub) -> None:
     g.add_argument("--recursive", action="store_true", help="also look in sub-folders")
     g.add_argument("--max-pixels", type=int, default=None, help="refuse images with more pixels than this")
     g = p.add_argument_group("algorithm")
-    g.add_argument("--tta", action="store_true", help="test-time augmentation: average over flips (slower)")
+    g.add_argument("--tta", action="store_true", help="test-time augmentation: average over the 8 flips and transposes (8x the network time; "
+                        "uses the model's thresholds tuned for it when it has them)")
     g.add_argument("--tile-size", type=int, default=None, help="tile side for large images (default: from the model)")
     g.add_argument("--diameter", default="auto",
                    help="typical nucleus diameter in pixels (the model's: `nucleiseg info`): images are zoomed to "

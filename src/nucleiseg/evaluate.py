@@ -87,7 +87,7 @@ def evaluate_items(model, items: list[tuple[str, np.ndarray, np.ndarray]], maps:
             pred = model.predict(image, tta=tta, scale=(0.0, 1.0), diameter=diameter)
         else:
             m = maps[i] if maps is not None else model.maps_from_normalized(image, tta=tta)
-            pred = instances(m, model.design, model.thresholds)
+            pred = instances(m, model.design, model.thresholds_for(tta))
         row = {"image": name, "type": image_type(image), "height": true.shape[0], "width": true.shape[1],
                **pixel_metrics(true > 0, pred > 0), **instance_metrics(true, pred),
                "seconds": time.perf_counter() - started}
@@ -127,7 +127,7 @@ def evaluate(model, data: str | Path, out: str | Path, labels: str | None = None
         writer.writeheader()
         writer.writerows(rows)
     report = {"data": str(data), "subset": subset, "tta": tta, "diameter": diameter, "model": str(model.path),
-              "thresholds": model.thresholds, "summary": result["summary"], "by_type": result["by_type"],
+              "thresholds": model.thresholds_for(tta), "summary": result["summary"], "by_type": result["by_type"],
               "skipped": problems}
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
     order = np.argsort([r["dsb_score"] for r in rows])
@@ -153,19 +153,26 @@ def annotated_items(model, data, labels: str | None, subset: str, progress: bool
     return items
 
 
-def tune(model, data: str | Path, labels: str | None = None, subset: str = "val", progress: bool = True) -> dict:
+def tune(model, data: str | Path, labels: str | None = None, subset: str = "val", progress: bool = True,
+         tta: bool = False) -> dict:
     """Tune ``model``'s thresholds on annotated images (never on images it was trained on, for honest
-    figures) and save them in its folder. Returns {'before': score, 'thresholds': ..., 'skipped': [...]}."""
+    figures) and save them in its folder; with ``tta``, the thresholds for test-time augmented maps
+    (``thresholds['tta']``), starting from the plain ones. Returns {'before': score, 'thresholds': ...
+    (those tuned), 'skipped': [...]}."""
     problems: list[str] = []
     items = annotated_items(model, data, labels, subset, progress, problems)
-    maps = [model.maps_from_normalized(image) for _, image, _ in items]
+    maps = [model.maps_from_normalized(image, tta=tta) for _, image, _ in items]
     truth = [it[2] for it in items]
-    before = _score(maps, truth, model.design, model.thresholds)
-    tuned = tune_thresholds(maps, truth, model.design, start=model.thresholds)
-    model.thresholds.update({**tuned, "tuned_on": f"{len(items)} images of {data} ({subset})"})
+    start = model.thresholds_for(tta)
+    before = _score(maps, truth, model.design, start)
+    tuned = {**tune_thresholds(maps, truth, model.design, start=start), "tuned_on": f"{len(items)} images of {data} ({subset})"}
+    if tta:
+        model.thresholds["tta"] = tuned
+    else:
+        model.thresholds.update(tuned)
     if model.path is not None:
         model.save_thresholds()
-    return {"before": before, "thresholds": model.thresholds, "skipped": problems}
+    return {"before": before, "thresholds": tuned, "skipped": problems}
 
 
 def format_report(report: dict) -> str:

@@ -1,4 +1,4 @@
-"""Running the network on whole images: padding, overlapping tiles with blending, flip TTA, backends.
+"""Running the network on whole images: padding, overlapping tiles with blending, flip/transpose TTA, backends.
 
 A *runner* maps a float32 batch (N, 3, H, W) with H, W multiples of 32 to probability maps
 (N, C, H, W). Two runners exist: PyTorch (:class:`TorchRunner`) and ONNX Runtime (:class:`OnnxRunner`).
@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .network import STRIDE
-from .targets import flip_rays
+from .targets import flip_rays, transpose_rays
 from .transforms import pad_to_multiple
 
 Runner = Callable[[np.ndarray], np.ndarray]
@@ -59,31 +59,46 @@ class OnnxRunner:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, np.float32)})[0]
 
 
+# test-time augmentation: the 8 symmetries of the square, as (transpose, flipped axes of an NCHW batch)
+SYMMETRIES = [(t, axes) for t in (False, True) for axes in ((), (3,), (2,), (2, 3))]
+
+
+def _undo_symmetry(out: np.ndarray, transpose: bool, axes: tuple[int, ...], vectors: tuple[int, int] | None,
+                   rays: int | None) -> np.ndarray:
+    """Maps (N, C, H, W) predicted for a transformed image, mapped back to the original image's frame:
+    flips undone (a flip negates that axis's vector component and reorders the rays), then the transpose
+    (which swaps the vector components and mirrors the rays about the diagonal)."""
+    out = np.array(np.flip(out, axes) if axes else out)
+    for axis in axes:  # axis 2 flips y, axis 3 flips x (of the transformed frame)
+        if vectors is not None:
+            out[:, vectors[axis - 2]] *= -1
+        if rays is not None:
+            out[0, rays:] = flip_rays(out[0, rays:], "y" if axis == 2 else "x")
+    if transpose:
+        out = np.ascontiguousarray(out.transpose(0, 1, 3, 2))
+        if vectors is not None:
+            out[:, list(vectors)] = out[:, list(vectors[::-1])]
+        if rays is not None:
+            out[0, rays:] = transpose_rays(out[0, rays:])
+    return out
+
+
 def _run_padded(runner: Runner, image: np.ndarray, tta: bool, vectors: tuple[int, int] | None = None,
                 rays: int | None = None) -> np.ndarray:
-    """Maps (C, H, W) for one normalised (H, W, 3) image that fits in one pass; TTA averages 4 flips
-    (``vectors``: the (y, x) channels of a vector field, whose components a flip negates; ``rays``: the
-    first of the ray-length channels, which a flip reorders)."""
+    """Maps (C, H, W) for one normalised (H, W, 3) image that fits in one pass; TTA averages the maps of
+    the 8 flips and transposes of the image (``vectors``: the (y, x) channels of a vector field, ``rays``:
+    the first of the ray-length channels, both of which these transforms change)."""
     padded, (h, w) = pad_to_multiple(image, STRIDE)
     x = np.ascontiguousarray(padded.transpose(2, 0, 1)[None], np.float32)
     if not tta:
         return runner(x)[0, :, :h, :w]
-    flips = [(), (3,), (2,), (2, 3)]
     total = None
-    for axes in flips:
-        xf = np.flip(x, axes) if axes else x
-        out = runner(np.ascontiguousarray(xf))
-        out = np.flip(out, axes) if axes else out
-        if vectors is not None and axes:
-            out = out.copy()
-            for axis in axes:  # axis 2 flips y, axis 3 flips x
-                out[:, vectors[axis - 2]] *= -1
-        if rays is not None and axes:
-            out = out.copy()
-            for axis in axes:
-                out[0, rays:] = flip_rays(out[0, rays:], "y" if axis == 2 else "x")
+    for transpose, axes in SYMMETRIES:
+        xt = x.transpose(0, 1, 3, 2) if transpose else x
+        out = runner(np.ascontiguousarray(np.flip(xt, axes) if axes else xt))
+        out = _undo_symmetry(out, transpose, axes, vectors, rays)
         total = out if total is None else total + out
-    return (total / len(flips))[0, :, :h, :w]
+    return (total / len(SYMMETRIES))[0, :, :h, :w]
 
 
 def _ramp(n: int, overlap: int) -> np.ndarray:

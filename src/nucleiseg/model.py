@@ -2,7 +2,8 @@
 
 A model folder holds ``config.json`` (architecture, target design, normalisation, tiling, training
 settings, data split, package version), ``weights.safetensors``, ``thresholds.json`` (post-processing
-thresholds tuned on validation data) and optionally ``metrics.json`` and a model card ``README.md``.
+thresholds tuned on validation data; under its key ``tta``, those tuned on test-time augmented maps, which
+are smoother and want their own) and optionally ``metrics.json`` and a model card ``README.md``.
 Loading validates everything before any weight is copied: a mismatch is a clear error, never a
 half-loaded model.
 """
@@ -131,6 +132,12 @@ class Model:
         self.path = path
         self.backend = "torch"
         self._runner = TorchRunner(MapsNet(self.net, self.design))
+
+    def thresholds_for(self, tta: bool = False, overrides: dict | None = None) -> dict:
+        """The post-processing thresholds for maps computed with or without TTA: the plain ones, updated by
+        those tuned on TTA maps (``thresholds['tta']``) when ``tta``, then by ``overrides``."""
+        plain = {k: v for k, v in self.thresholds.items() if k != "tta"}
+        return {**plain, **(self.thresholds.get("tta", {}) if tta else {}), **(overrides or {})}
 
     @property
     def design(self) -> str:
@@ -319,7 +326,7 @@ class Model:
                            scale=scale, tile_size=tile_size, tta=tta, thresholds=thresholds)
             return labels
         maps = self.predict_maps(image, tta=tta, tile_size=tile_size, scale=scale)
-        return instances(maps, self.design, {**self.thresholds, **(thresholds or {})})
+        return instances(maps, self.design, self.thresholds_for(tta, thresholds))
 
     def _predict_zoomed(self, image: np.ndarray, factor: float, thresholds: dict | None = None, zoom_back: bool = True,
                         **kwargs) -> np.ndarray:
@@ -329,7 +336,7 @@ class Model:
         h, w = image.shape[:2]
         size = (max(1, round(h * factor)), max(1, round(w * factor))) + image.shape[2:]
         zoomed = resize(image.astype(np.float32), size, order=1, preserve_range=True, anti_aliasing=factor < 1)
-        t = {**self.thresholds, **(thresholds or {})}
+        t = self.thresholds_for(kwargs.get("tta", False), thresholds)
         t["min_size"] = t["min_size"] * factor ** 2  # the size limit is in pixels of the original image
         labels = self.predict(zoomed.astype(np.float32, copy=False), thresholds=t, diameter=None, **kwargs)
         if not zoom_back:

@@ -245,6 +245,13 @@ def flip_rays(rays: np.ndarray, axis: str) -> np.ndarray:
     return rays[(-k) % n] if axis == "y" else rays[(n // 2 - k) % n]
 
 
+def transpose_rays(rays: np.ndarray) -> np.ndarray:
+    """Ray-length maps (N_RAYS, ...) of a transposed image (y and x swapped) reordered to the original's
+    rays: the transpose turns angle a into pi/2 - a."""
+    n = rays.shape[0]
+    return rays[(n // 4 - np.arange(n)) % n]
+
+
 def foreground(maps: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
     """Nucleus probability from probability maps (channel 0 is background in every design)."""
     return 1 - maps[:, 0] if maps.ndim == 4 else 1 - maps[0]

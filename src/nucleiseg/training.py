@@ -1,5 +1,6 @@
 """Training on PyTorch Lightning: Adam, cross-entropy (+Dice), accuracy / IoU / DSB score, early stopping,
-ReduceLROnPlateau or cosine annealing, checkpoints every epoch, TensorBoard, prediction previews and curves.
+ReduceLROnPlateau, cosine annealing or a constant rate, optional weight averaging over the last epochs,
+checkpoints every epoch, TensorBoard, prediction previews and curves.
 
 A run folder holds ``train_config.json``, ``checkpoints/`` (``last.ckpt`` each epoch, ``best.ckpt``),
 ``logs/`` (TensorBoard), ``previews/`` (input | true | predicted PNGs), ``history.csv`` + ``curves.png``,
@@ -28,6 +29,7 @@ from .targets import N_RAYS, foreground, loss as target_loss, probabilities
 from .weights import load_encoder_weights
 
 log = logging.getLogger(__name__)
+SCHEDULES = ("plateau", "cosine", "constant")
 DEFAULT_DESIGN = "flow"  # the bundled model's design, measured best of the instance designs (benchmarks/RESULTS.md)
 
 
@@ -45,7 +47,8 @@ class TrainConfig:
     augment: str = "basic"  # 'strong': also wider scale, any rotation, blur, noise, channel gains (data.augmentation)
     scale_range: list | None = None  # [low, high]: random scale range of the augmentation (None: the strength's)
     lr: float = 1e-3
-    schedule: str = "plateau"  # 'plateau': halve lr when validation loss stalls; 'cosine': anneal to lr/100
+    schedule: str = "plateau"  # 'plateau': halve lr when validation loss stalls; 'cosine': anneal to lr/100; 'constant'
+    average_last: int = 0  # > 0: the model saved is the mean of the weights after each of the last N epochs (SWA)
     weight_decay: float = 0.0
     val_fraction: float = 0.2
     seed: int = 0
@@ -80,8 +83,10 @@ class TrainConfig:
     full_res_channels: int | None = None
 
     def __post_init__(self) -> None:
-        if self.schedule not in ("plateau", "cosine"):
-            raise ValueError(f"unknown learning-rate schedule {self.schedule!r}; choose plateau or cosine")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown learning-rate schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
+        if not 0 <= self.average_last <= self.epochs:
+            raise ValueError(f"average_last must be between 0 and the number of epochs ({self.epochs}), not {self.average_last}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -324,6 +329,8 @@ class SegmentationModule(L.LightningModule):
         if self.cfg.schedule == "cosine":  # settles the weights at the end instead of leaving them noisy
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.cfg.epochs, eta_min=self.cfg.lr / 100)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        if self.cfg.schedule == "constant":  # for weight averaging: the averaged weights explore, the mean settles
+            return opt
         monitor = "val_loss" if self.cfg.val_fraction > 0 else "train_loss"
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.5, patience=max(2, self.cfg.patience // 3))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": monitor}}
@@ -353,6 +360,32 @@ class PreviewCallback(L.Callback):
         experiment = getattr(trainer.logger, "experiment", None)
         if experiment is not None and hasattr(experiment, "add_image"):
             experiment.add_image("previews", array, trainer.current_epoch, dataformats="HWC")
+
+
+class WeightAveraging(L.Callback):
+    """Running mean of the network's weights (and BatchNorm statistics) after each of the last ``n``
+    epochs: stochastic weight averaging (Izmailov et al. 2018), a flatter optimum than any single epoch's.
+    The mean travels in the checkpoints, so a resumed run keeps it."""
+
+    def __init__(self, n: int, epochs: int):
+        self.first, self.count, self.mean = epochs - n, 0, None
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch < self.first or trainer.sanity_checking:
+            return
+        state = {k: v.detach().float().clone() for k, v in pl_module.net.state_dict().items() if v.is_floating_point()}
+        self.count += 1
+        if self.mean is None:
+            self.mean = state
+        else:
+            for k, v in state.items():
+                self.mean[k] += (v - self.mean[k]) / self.count
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.mean = state["count"], state["mean"]
 
 
 class HistoryCallback(L.Callback):
@@ -476,6 +509,9 @@ def train(cfg: TrainConfig, resume: bool = False, epochs: int | None = None) -> 
         history,
         PreviewCallback(preview_items, run_dir / "previews"),
     ]
+    averaging = WeightAveraging(cfg.average_last, cfg.epochs) if cfg.average_last else None
+    if averaging:
+        callbacks.append(averaging)
     (run_dir / "previews").mkdir(exist_ok=True)
     logger = L.pytorch.loggers.TensorBoardLogger(str(run_dir), name="logs", version="")
     trainer = L.Trainer(max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices,
@@ -489,10 +525,14 @@ def train(cfg: TrainConfig, resume: bool = False, epochs: int | None = None) -> 
     if not trainer.is_global_zero:
         return run_dir / "model"
     best = ckpt_dir / "best.ckpt"
-    # the best epoch by validation; with a cosine schedule the last, annealed one (the point of annealing)
-    chosen = best if best.exists() and cfg.schedule != "cosine" else last
+    # the best epoch by validation; with a cosine schedule the last, annealed one (the point of annealing);
+    # with weight averaging the mean of the last epochs
+    chosen = best if best.exists() and cfg.schedule == "plateau" else last
     state = torch.load(chosen, map_location="cpu", weights_only=True)["state_dict"]
     module.net.load_state_dict({k[len("net."):]: v for k, v in state.items() if k.startswith("net.")})
+    if averaging and averaging.mean is not None:
+        module.net.load_state_dict(averaging.mean, strict=False)  # integer buffers (BatchNorm counters) stay
+        model_config["training"]["epochs_averaged"] = averaging.count
     model_config["training"]["epochs_run"] = trainer.current_epoch
     model_config["training"]["wall_time_s"] = round(history.elapsed(), 1)  # summed over resumes
     model = Model(module.net, model_config)
