@@ -287,6 +287,25 @@ def test_averaged_run_saves_the_mean_weights(trained, tmp_path):
         TrainConfig(data="", epochs=3, average_last=4)
 
 
+def test_thresholds_from_keep_tta_thresholds_only_without_own_tuning(trained, tmp_path):
+    import shutil
+
+    model_dir, run = trained
+    source = tmp_path / "source"
+    shutil.copytree(model_dir, source)
+    thresholds = {**json.loads((source / "thresholds.json").read_text()), "tta": {"peak_h": 0.1, "object_prob": 0.55}}
+    (source / "thresholds.json").write_text(json.dumps(thresholds))
+    data = json.loads((run / "train_config.json").read_text())["data"]
+    kept = {}
+    for val_fraction in (0.0, 0.2):
+        cfg = TrainConfig(data=data, out=str(tmp_path / f"run{val_fraction}"), design="contour", epochs=1, batch_size=8,
+                          crop=96, lr=1e-4, val_fraction=val_fraction, encoder_weights="none", init_model=str(model_dir),
+                          thresholds_from=str(source), progress=False, previews=0)
+        kept[val_fraction] = json.loads((train(cfg) / "thresholds.json").read_text()).get("tta")
+    assert kept[0.0] == thresholds["tta"]  # trained on all images: every threshold comes from the split run
+    assert kept[0.2] is None  # tuned on its own validation images: TTA thresholds of another network are dropped
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "plateau"])
 def test_learning_rate_schedule(schedule):
     from nucleiseg.model import make_config

@@ -329,16 +329,16 @@ class Model:
         return instances(maps, self.design, self.thresholds_for(tta, thresholds))
 
     def _predict_zoomed(self, image: np.ndarray, factor: float, thresholds: dict | None = None, zoom_back: bool = True,
-                        **kwargs) -> np.ndarray:
+                        tta: bool = False, **kwargs) -> np.ndarray:
         from skimage.segmentation import relabel_sequential
         from skimage.transform import resize
 
         h, w = image.shape[:2]
         size = (max(1, round(h * factor)), max(1, round(w * factor))) + image.shape[2:]
         zoomed = resize(image.astype(np.float32), size, order=1, preserve_range=True, anti_aliasing=factor < 1)
-        t = self.thresholds_for(kwargs.get("tta", False), thresholds)
+        t = self.thresholds_for(tta, thresholds)
         t["min_size"] = t["min_size"] * factor ** 2  # the size limit is in pixels of the original image
-        labels = self.predict(zoomed.astype(np.float32, copy=False), thresholds=t, diameter=None, **kwargs)
+        labels = self.predict(zoomed.astype(np.float32, copy=False), tta=tta, thresholds=t, diameter=None, **kwargs)
         if not zoom_back:
             return labels
         back = resize(labels, (h, w), order=0, preserve_range=True, anti_aliasing=False).astype(labels.dtype)

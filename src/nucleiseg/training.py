@@ -526,7 +526,7 @@ def train(cfg: TrainConfig, resume: bool = False, epochs: int | None = None) -> 
         return run_dir / "model"
     best = ckpt_dir / "best.ckpt"
     # the best epoch by validation; with a cosine schedule the last, annealed one (the point of annealing);
-    # with weight averaging the mean of the last epochs
+    # with a constant rate the last, replaced by the mean of the last epochs when they were averaged
     chosen = best if best.exists() and cfg.schedule == "plateau" else last
     state = torch.load(chosen, map_location="cpu", weights_only=True)["state_dict"]
     module.net.load_state_dict({k[len("net."):]: v for k, v in state.items() if k.startswith("net.")})
@@ -544,6 +544,9 @@ def train(cfg: TrainConfig, resume: bool = False, epochs: int | None = None) -> 
 
         maps = [model.maps_from_normalized(image) for _, image, _ in val_items]
         model.thresholds.update(tune_thresholds(maps, [it[2] for it in val_items], model.design))
+        if model.thresholds.pop("tta", None) is not None:  # tuned for the maps of the network they came from
+            log.info("thresholds for --tta from %s not kept: tune them for this model with `nucleiseg tune --tta`",
+                     cfg.thresholds_from)
         metrics["validation"] = evaluate_items(model, val_items, maps=maps)["summary"]
     model_dir = model.save(run_dir / "model", metrics=metrics)
     return model_dir
