@@ -200,17 +200,17 @@ def loss(logits: torch.Tensor, target: torch.Tensor, design: str, boundary_weigh
     if design == "contact":
         pos_weight = torch.tensor(contact_pos_weight, device=logits.device)
         total = total + F.binary_cross_entropy_with_logits(logits[:, 3], target[:, 2], pos_weight=pos_weight)
-    n_nucleus = target[:, 0].sum().clamp(min=1.0)
+
+    def nucleus_mean(error: torch.Tensor) -> torch.Tensor:
+        """Mean of a per-pixel error (N, H, W) over nucleus pixels (background has no centre or rays),
+        weighted like the rest."""
+        error = error * target[:, 0] * (1.0 if pixel_weight is None else pixel_weight)
+        return error.sum() / target[:, 0].sum().clamp(min=1.0)
+
     if design in WITH_FLOWS:
-        error = ((torch.tanh(logits[:, 3:5]) - target[:, 4:6]) ** 2).sum(1) * target[:, 0]
-        if pixel_weight is not None:
-            error = error * pixel_weight
-        total = total + flow_weight * error.sum() / n_nucleus
+        total = total + flow_weight * nucleus_mean(((torch.tanh(logits[:, 3:5]) - target[:, 4:6]) ** 2).sum(1))
     if design == "star":
-        error = (F.softplus(logits[:, 5:]) - target[:, 6:]).abs().mean(1) * target[:, 0]
-        if pixel_weight is not None:
-            error = error * pixel_weight
-        total = total + ray_weight * error.sum() / n_nucleus
+        total = total + ray_weight * nucleus_mean((F.softplus(logits[:, 5:]) - target[:, 6:]).abs().mean(1))
     return total
 
 
