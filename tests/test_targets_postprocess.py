@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from nucleiseg.metrics import dsb_score
-from nucleiseg.postprocess import (flow_markers, follow_flows, instances, peak_markers, remove_small, remove_unsure,
-                                   star_polygons)
+from nucleiseg.postprocess import (flow_convergence, flow_markers, follow_flows, instances, peak_markers, remove_small,
+                                   remove_unsure, star_polygons)
 from nucleiseg.synthetic import nuclei_image
 from nucleiseg.targets import (N_RAYS, RAY_SCALE, centre_flows, contact_map, contour_classes, encode, flip_rays, loss,
                                n_channels, normalised_distance, probabilities, ray_distances, small_nucleus_map,
@@ -312,18 +312,43 @@ def test_following_flows_gathers_each_nucleus_at_its_centre():
     assert markers.max() == 2 and np.array_equal(markers > 0, lab > 0)
 
 
-def test_flows_split_touching_nuclei_that_share_one_distance_peak():
-    """Two small nuclei whose (blurred, predicted-like) distance maps merge into one peak: the distance
-    watershed sees one nucleus, the flows still point to two centres."""
+def merged_peak_pair() -> tuple[np.ndarray, np.ndarray]:
+    """Two small touching nuclei and their flow maps with a blurred (predicted-like) distance map that has
+    one merged peak for both."""
+    from scipy import ndimage as ndi
+
     lab = np.zeros((20, 30), np.int32)
     yy, xx = np.mgrid[0:20, 0:30]
     lab[(yy - 10) ** 2 + (xx - 11) ** 2 <= 16] = 1
     lab[((yy - 10) ** 2 + (xx - 18) ** 2 <= 16) & (lab == 0)] = 2
     maps = perfect_maps(lab, "flow")
-    from scipy import ndimage as ndi
-    maps[2] = ndi.gaussian_filter((lab > 0).astype(np.float32), 3) * (lab > 0)  # one merged peak
+    maps[2] = ndi.gaussian_filter((lab > 0).astype(np.float32), 3) * (lab > 0)
+    return lab, maps
+
+
+def test_flows_split_touching_nuclei_that_share_one_distance_peak():
+    """The distance watershed sees one nucleus in the merged-peak pair, the flows still point to two centres."""
+    lab, maps = merged_peak_pair()
     assert instances(maps[:3], "distance", {"min_size": 5}).max() == 1
     pred = instances(maps, "flow", {"min_size": 5, "flow_seed": 10})
+    assert pred.max() == 2 and dsb_score(lab, pred) > 0.8
+
+
+def test_flow_convergence_rises_at_centres_and_dips_where_nuclei_touch():
+    lab = two_touching_discs()  # centres (20, 20) and (20, 39), touching between columns 30 and 31
+    c = flow_convergence(centre_flows(lab))
+    assert c[20, 20] > 0.3 and c[20, 39] > 0.3
+    assert c[20, 30] < -0.3 and c[20, 31] < -0.3
+    assert c[20, 25] > c[20, 30]  # halfway to the contact it is still above the contact's dip
+
+
+def test_flow_convergence_splits_touching_nuclei_that_share_one_distance_peak():
+    """Adding the flows' convergence to the merged-peak pair's distance map gives it two peaks, so the
+    distance watershed (no flow paths followed) separates them; with weight 0 it does not."""
+    lab, maps = merged_peak_pair()
+    t = {"min_size": 5, "peak_h": 0.2, "flow_seed": 0}
+    assert instances(maps, "flow", t).max() == 1
+    pred = instances(maps, "flow", {**t, "flow_convergence": 1.0})
     assert pred.max() == 2 and dsb_score(lab, pred) > 0.8
 
 

@@ -147,9 +147,9 @@ def cmd_tune(args) -> int:
     result = tune(Model.load(args.model), args.data, labels=args.labels, subset=args.subset, progress=not args.quiet,
                   tta=args.tta)
     t = result["thresholds"]
-    print(f"DSB score {result['before']:.4f} -> {t['tuned_dsb_score']:.4f}; thresholds mask {t['mask']}, marker {t['marker']}, "
-          f"min_size {t['min_size']}, peak_h {t['peak_h']}, object_prob {t['object_prob']} saved to {args.model}/thresholds.json"
-          + (" (key 'tta')" if args.tta else ""))
+    chosen = ", ".join(f"{k} {v}" for k, v in t.items() if k not in ("tuned_dsb_score", "tuned_on"))
+    print(f"DSB score {result['before']:.4f} -> {t['tuned_dsb_score']:.4f}; thresholds {chosen} saved to "
+          f"{args.model}/thresholds.json" + (" (key 'tta')" if args.tta else ""))
     for problem in result["skipped"]:
         print(f"error: {problem}", file=sys.stderr)
     return 1 if result["skipped"] else 0

@@ -36,8 +36,9 @@ def _score(maps: list[np.ndarray], labels: list[np.ndarray], design: str, thresh
 
 
 def tune_thresholds(maps: list[np.ndarray], labels: list[np.ndarray], design: str, start: dict | None = None) -> dict:
-    """Choose mask / marker thresholds, peak height, minimum size and object probability maximising the mean DSB score
-    (coordinate search from ``start``, default :data:`DEFAULT_THRESHOLDS`; never worse than ``start``)."""
+    """Choose mask / marker thresholds, peak height, minimum size, object probability (and the design's own
+    thresholds) maximising the mean DSB score (coordinate search from ``start``, default :data:`DEFAULT_THRESHOLDS`,
+    some thresholds in pairs; never worse than ``start``)."""
     from .postprocess import DEFAULT_THRESHOLDS
 
     best = {**DEFAULT_THRESHOLDS, **{k: v for k, v in (start or {}).items() if k in DEFAULT_THRESHOLDS}}
@@ -45,11 +46,13 @@ def tune_thresholds(maps: list[np.ndarray], labels: list[np.ndarray], design: st
             "min_size": [0, 5, 10, 15, 25, 40], "peak_h": [0.0, 0.1, 0.2, 0.3],
             "object_prob": [0.0, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8],
             "contact": [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95], "flow_seed": [0, 3, 5, 10, 15, 25],
-            "star_nms": [0.0, 0.2, 0.3, 0.4, 0.5, 0.6]}
+            "star_nms": [0.0, 0.2, 0.3, 0.4, 0.5, 0.6],
+            # searched together: the flows' convergence raises the seed map's peaks, so it needs a larger peak_h
+            ("flow_convergence", "peak_h"): [(w, h) for w in (0.0, 0.25, 0.5, 0.75, 1.0) for h in (0.2, 0.3, 0.4, 0.5)]}
     if design != "contact":
         del grid["contact"]
     if design not in WITH_FLOWS:  # flow design: seeds from the flows, or (flow_seed 0) from the distance map
-        del grid["flow_seed"]
+        del grid["flow_seed"], grid[("flow_convergence", "peak_h")]
     if design != "star":  # star design: polygons and non-maximum suppression, or (star_nms 0) as the flow design
         del grid["star_nms"]
     if design == "semantic":
@@ -58,7 +61,7 @@ def tune_thresholds(maps: list[np.ndarray], labels: list[np.ndarray], design: st
     for _round in range(2):
         for key, values in grid.items():
             for v in values:
-                trial = {**best, key: v}
+                trial = {**best, **(dict(zip(key, v)) if isinstance(key, tuple) else {key: v})}
                 s = _score(maps, labels, design, trial)
                 if s > best_score + 1e-6:
                     best, best_score = trial, s

@@ -13,7 +13,11 @@ threshold: faint specks and spurious blobs score lower than real nuclei; 0 keeps
 ``flow_seed`` (flow design: a centre needs at least this many pixels' flow paths ending within its
 3x3 neighbourhood to seed a nucleus; 0: seeds from the distance map as in the distance design, the flows
 having served only as a training target, which tuning chooses when it separates nuclei better),
-``star_nms`` (star design: > 0 keeps StarDist's star-convex polygons instead of the watershed: every pixel
+``flow_convergence`` (flow and star designs: > 0 adds this many times the predicted flows'
+convergence (minus their divergence, lightly smoothed) to the distance map before seeds are found and the watershed
+floods it: flows point into each nucleus's centre and away from the line where two nuclei touch, so the sum rises
+at centres and dips between touching nuclei even where the distance map alone has one merged peak; used with a
+larger ``peak_h``), ``star_nms`` (star design: > 0 keeps StarDist's star-convex polygons instead of the watershed: every pixel
 of the mask whose distance map exceeds ``marker`` proposes the polygon of its predicted ray lengths, scored
 by that distance; polygons overlapping a better one with an IoU above ``star_nms`` are suppressed; 0: the
 flow design's post-processing).
@@ -30,7 +34,7 @@ WITH_DISTANCE = ("distance", "contact", "flow", "star")  # designs whose third m
 WITH_FLOWS = ("flow", "star")  # designs whose fourth and fifth maps are the centre flows
 # flow_seed 0: an untuned flow model seeds from its distance map, which tuning chose on DSB2018 (RESULTS, stage 10)
 DEFAULT_THRESHOLDS = {"mask": 0.5, "marker": 0.5, "min_size": 15, "peak_h": 0.0, "contact": 0.5, "object_prob": 0.0,
-                      "flow_seed": 0, "star_nms": 0.0}
+                      "flow_seed": 0, "flow_convergence": 0.0, "star_nms": 0.0}
 SEED_SMOOTHING = 1.0  # sigma (pixels) of the Gaussian applied to the seed map before finding peaks
 FLOW_STEPS = 100  # most steps (one pixel each) followed along the flows: nuclei up to ~200 pixels across
 SETTLE_STEPS = 10  # a flow path that moved less than a pixel in this many steps has arrived
@@ -80,6 +84,8 @@ def instances(maps: np.ndarray, design: str, thresholds: dict | None = None) -> 
         labels = star_polygons(maps[5:], seed_map, seed_region & (seed_map > t["marker"]), t["star_nms"])
         labels = remove_unsure(_fill_holes_per_object(labels), fg, t["object_prob"])
         return remove_small(labels, int(t["min_size"])).astype(np.int32)
+    if design in WITH_FLOWS and t["flow_convergence"] > 0:
+        seed_map = np.clip(seed_map + t["flow_convergence"] * flow_convergence(maps[3:5]), 0.0, 1.0)
     if design in WITH_FLOWS and t["flow_seed"] > 0:
         markers = flow_markers(maps[3:5], mask, int(t["flow_seed"]))
     elif t["peak_h"] > 0:
@@ -165,6 +171,13 @@ def follow_flows(flows: np.ndarray, mask: np.ndarray, steps: int = FLOW_STEPS) -
             if active.size == 0:
                 break
     return start, end
+
+
+def flow_convergence(flows: np.ndarray, sigma: float = 1.0) -> np.ndarray:
+    """Minus the divergence of a flow field (2, H, W), Gaussian-smoothed by ``sigma`` pixels: positive where
+    flows meet (nucleus centres), negative where they part (the line between two touching nuclei)."""
+    divergence = np.gradient(flows[0], axis=0) + np.gradient(flows[1], axis=1)
+    return ndi.gaussian_filter(-divergence.astype(np.float32), sigma)
 
 
 def flow_markers(flows: np.ndarray, mask: np.ndarray, min_count: int) -> np.ndarray:
