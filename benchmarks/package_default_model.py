@@ -29,6 +29,9 @@ def separation(design: str, thresholds: dict) -> str:
     if design == "flow" and thresholds.get("flow_seed", 0) > 0:
         return ("instances are the pixels whose flow paths end at one centre (Cellpose's flow dynamics), "
                 "the rest assigned by watershed")
+    if design == "flow" and thresholds.get("flow_convergence", 0) > 0:
+        return ("instances by marker-controlled watershed on the distance map plus the flows' convergence, "
+                "which rises at nucleus centres and dips where touching nuclei meet")
     if design == "flow":
         return "instances by marker-controlled watershed seeded from the distance map (the flows a training target)"
     return "instances by marker-controlled watershed"
@@ -78,7 +81,8 @@ def tta_section(evaluation_tta: dict | None) -> str:
     t = evaluation_tta["thresholds"]
     return f"""
 With `--tta` (the 8 flips and transposes averaged, 8 network passes) and the thresholds tuned on those
-averaged maps (`thresholds.json`, key `tta`: peak_h {t['peak_h']}, object_prob {t['object_prob']}, the rest as above), same images:
+averaged maps (`thresholds.json`, key `tta`: marker {t['marker']}, peak_h {t['peak_h']}, object_prob {t['object_prob']},
+the rest as above), same images:
 
 | images | n | DSB score | AP@0.5 | F1@0.5 | foreground IoU | pixel accuracy |
 |---|---|---|---|---|---|---|
