@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import multiprocessing
+import os
+import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -35,10 +39,33 @@ def _score(maps: list[np.ndarray], labels: list[np.ndarray], design: str, thresh
     return float(np.mean([dsb_score(t, instances(m, design, thresholds)) for m, t in zip(maps, labels)]))
 
 
-def tune_thresholds(maps: list[np.ndarray], labels: list[np.ndarray], design: str, start: dict | None = None) -> dict:
+_SHARED: tuple | None = None  # (maps, labels, design) while tuning: forked worker processes inherit it, uncopied
+
+
+def _score_shared(thresholds: dict) -> float:
+    return _score(*_SHARED, thresholds)
+
+
+def _scores(maps: list[np.ndarray], labels: list[np.ndarray], design: str, trials: list[dict], workers: int) -> list[float]:
+    """Mean DSB score of each set of thresholds in ``trials``; in ``workers`` forked processes on Linux (the maps
+    are shared, not pickled), else one after the other."""
+    global _SHARED
+    if workers <= 1 or len(trials) == 1 or not sys.platform.startswith("linux"):
+        return [_score(maps, labels, design, t) for t in trials]
+    _SHARED = (maps, labels, design)
+    try:
+        with ProcessPoolExecutor(min(workers, len(trials)), mp_context=multiprocessing.get_context("fork")) as pool:
+            return list(pool.map(_score_shared, trials))
+    finally:
+        _SHARED = None
+
+
+def tune_thresholds(maps: list[np.ndarray], labels: list[np.ndarray], design: str, start: dict | None = None,
+                    workers: int | None = None) -> dict:
     """Choose mask / marker thresholds, peak height, minimum size, object probability (and the design's own
     thresholds) maximising the mean DSB score (coordinate search from ``start``, default :data:`DEFAULT_THRESHOLDS`,
-    some thresholds in pairs; never worse than ``start``)."""
+    some thresholds in pairs; never worse than ``start``). The values of one threshold are scored in ``workers``
+    processes (default: one per CPU)."""
     from .postprocess import DEFAULT_THRESHOLDS
 
     best = {**DEFAULT_THRESHOLDS, **{k: v for k, v in (start or {}).items() if k in DEFAULT_THRESHOLDS}}
@@ -58,11 +85,12 @@ def tune_thresholds(maps: list[np.ndarray], labels: list[np.ndarray], design: st
     if design == "semantic":
         del grid["marker"], grid["peak_h"]
     best_score = _score(maps, labels, design, best)
+    workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)  # CPUs we may use
     for _round in range(2):
         for key, values in grid.items():
-            for v in values:
-                trial = {**best, **(dict(zip(key, v)) if isinstance(key, tuple) else {key: v})}
-                s = _score(maps, labels, design, trial)
+            # each trial changes only this key (or pair), so scoring them together chooses as one by one would
+            trials = [{**best, **(dict(zip(key, v)) if isinstance(key, tuple) else {key: v})} for v in values]
+            for trial, s in zip(trials, _scores(maps, labels, design, trials, workers)):
                 if s > best_score + 1e-6:
                     best, best_score = trial, s
     return {**best, "tuned_dsb_score": round(best_score, 5), "tuned_on": f"{len(maps)} validation images"}
