@@ -48,9 +48,10 @@ def _score_shared(thresholds: dict) -> float:
 
 def _scores(maps: list[np.ndarray], labels: list[np.ndarray], design: str, trials: list[dict], workers: int) -> list[float]:
     """Mean DSB score of each set of thresholds in ``trials``; in ``workers`` forked processes on Linux (the maps
-    are shared, not pickled), else one after the other."""
+    are shared, not pickled), else (or inside a daemon process, which may not have children) one after the other."""
     global _SHARED
-    if workers <= 1 or len(trials) == 1 or not sys.platform.startswith("linux"):
+    if (workers <= 1 or len(trials) == 1 or not sys.platform.startswith("linux")
+            or multiprocessing.current_process().daemon):
         return [_score(maps, labels, design, t) for t in trials]
     _SHARED = (maps, labels, design)
     try:
