@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .download import DownloadError, fetch, safe_extract_zip, sha256sum
-from .io import read_image, read_labels, write_png
+from .io import header_shape, read_labels, write_png
 
 BBBC038_URL = "https://data.broadinstitute.org/bbbc/BBBC038"
 # file name -> pinned SHA-256 (None: not published; recorded on first download, see module docstring)
@@ -80,7 +80,7 @@ def labels_from_kaggle_folder(sample_dir: Path) -> tuple[Path, np.ndarray]:
     images = sorted((sample_dir / "images").glob("*.png"))
     if len(images) != 1:
         raise DownloadError(f"{sample_dir}: expected one image in images/, found {len(images)}")
-    shape = read_image(images[0]).shape[:2]
+    shape = header_shape(images[0])[:2]  # the header alone: the pixels are copied, not decoded
     return images[0], labels_from_masks(sorted((sample_dir / "masks").glob("*.png")), shape)
 
 

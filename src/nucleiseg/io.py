@@ -36,8 +36,8 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _header_shape(path: Path) -> tuple[int, ...]:
-    """Image shape from the file header, without decoding pixels (for the size limit)."""
+def header_shape(path: Path) -> tuple[int, ...]:
+    """A file's array shape from its header, without decoding pixels (size limits, label shapes)."""
     if path.suffix.lower() in (".tif", ".tiff"):
         with tifffile.TiffFile(path) as tif:
             return tuple(tif.series[0].shape)
@@ -67,7 +67,7 @@ def read_raw(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> n
     if not is_image_file(path):
         raise ImageError(path, f"unsupported extension {path.suffix!r}; use one of {', '.join(IMAGE_EXTENSIONS)}")
     try:
-        shape = _header_shape(path)
+        shape = header_shape(path)
     except Exception as exc:  # noqa: BLE001 - any decoder failure means "not a readable image"
         raise ImageError(path, f"not a readable {path.suffix.lstrip('.').upper()} image ({type(exc).__name__}: {exc})") from None
     spatial = sorted(shape, reverse=True)[:2]
