@@ -348,3 +348,16 @@ def test_flow_design_learns_to_separate_synthetic_nuclei(tmp_path):
         image, labels = nuclei_image((128, 128), n=12, seed=seed, touching=0.5)
         scores.append(dsb_score(labels, model.predict(image)))
     assert np.mean(scores) > 0.5, scores
+
+
+def test_split_seed_keeps_the_split_while_the_seed_changes(trained, tmp_path):
+    model_dir, run = trained
+    data = json.loads((run / "train_config.json").read_text())["data"]
+    val = {}
+    for split_seed in (0, None):
+        cfg = TrainConfig(data=data, out=str(tmp_path / f"run{split_seed}"), design="contour", epochs=1, batch_size=8,
+                          crop=96, lr=1e-4, seed=1, split_seed=split_seed, encoder_weights="none",
+                          init_model=str(model_dir), progress=False, previews=0)
+        val[split_seed] = json.loads((train(cfg) / "config.json").read_text())["data"]["val"]
+    assert val[0] == json.loads((model_dir / "config.json").read_text())["data"]["val"]  # the seed-0 run's split
+    assert val[None] != val[0]  # without --split-seed, --seed 1 also draws another split

@@ -30,7 +30,9 @@ def _add_train(sub) -> None:
     g.add_argument("--labels", default=None, help="label folder name in an images/+labels/ layout (default: "
                                                   "labels_lopuhin_fixed if present, else labels)")
     g.add_argument("--val-fraction", type=float, default=0.2, help="validation share of a seeded split (0: train on all)")
-    g.add_argument("--seed", type=int, default=0, help="seed for the split and the augmentation")
+    g.add_argument("--seed", type=int, default=0, help="seed for the augmentation, the network's new layers and the split")
+    g.add_argument("--split-seed", type=int, default=None,
+                   help="seed for the train/validation split alone (default: --seed), e.g. to retrain on the same split with another --seed")
     g.add_argument("--max-images", type=int, default=None, help="use only the first N images (quick runs)")
     g = p.add_argument_group("model")
     g.add_argument("--design", default=None, choices=["semantic", "contour", "distance", "contact", "flow", "star"],
@@ -169,7 +171,7 @@ def cmd_train(args) -> int:
                           batch_size=args.batch_size, crop=args.crop, augment=args.augment,
                           scale_range=args.scale_range, lr=args.lr, schedule=args.schedule, average_last=args.average_last,
                           val_fraction=args.val_fraction,
-                          seed=args.seed, encoder_weights=args.encoder_weights, freeze_encoder=args.freeze_encoder,
+                          seed=args.seed, split_seed=args.split_seed, encoder_weights=args.encoder_weights, freeze_encoder=args.freeze_encoder,
                           encoder_bn=args.encoder_bn,
                           precision=args.precision, patience=args.patience, boundary_weight=args.boundary_weight,
                           dice_weight=args.dice_weight, contact_weight=args.contact_weight, small_weight=args.small_weight,

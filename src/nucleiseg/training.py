@@ -52,6 +52,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     val_fraction: float = 0.2
     seed: int = 0
+    split_seed: int | None = None  # seed of the train/validation split (None: ``seed``), so runs can differ in seed alone
     encoder_weights: str | None = "imagenet"
     freeze_encoder: bool = False
     encoder_bn: str = "frozen"  # 'frozen': fixed encoder BatchNorm statistics; 'train': batch statistics
@@ -477,10 +478,11 @@ def train(cfg: TrainConfig, resume: bool = False, epochs: int | None = None) -> 
     if cfg.max_images:
         samples = samples[:cfg.max_images]
     names = [s.name for s in samples]
-    train_names, val_names = split(names, cfg.val_fraction, cfg.seed) if cfg.val_fraction > 0 else (sorted(names), [])
+    split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
+    train_names, val_names = split(names, cfg.val_fraction, split_seed) if cfg.val_fraction > 0 else (sorted(names), [])
     model_config = make_config(cfg.design, tuple(cfg.decoder_channels), full_res_channels=cfg.full_res_channels, data={
         "root": str(cfg.data), "layout": layout, "labels": cfg.labels, "n_images": len(names),
-        "val_fraction": cfg.val_fraction, "seed": cfg.seed, "train": train_names, "val": val_names})
+        "val_fraction": cfg.val_fraction, "seed": split_seed, "train": train_names, "val": val_names})
     model_config["training"] = {k: v for k, v in asdict(cfg).items() if k not in ("progress",)}
     model_config["training"]["train_crop"] = cfg.crop
     items = {it[0]: it for it in load_items(samples, model_config["normalization"], cfg.progress, problems)}
