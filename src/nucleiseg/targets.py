@@ -97,16 +97,19 @@ def ray_distances(labels: np.ndarray, n_rays: int = N_RAYS, max_steps: int = MAX
     h, w = labels.shape
     padded = np.pad(labels, 1).ravel()  # outside the image counts as background
     ys, xs = np.nonzero(labels)
-    own = labels[ys, xs]
+    start = (ys + 1) * (w + 2) + xs + 1  # each nucleus pixel's index in the padded image
+    own = padded[start]
     out = np.zeros((n_rays, h, w), np.float32)
+    steps = np.arange(1, max_steps + 1)
     for k in range(n_rays):
-        dy, dx = np.sin(2 * np.pi * k / n_rays), np.cos(2 * np.pi * k / n_rays)
+        # the steps' offsets are the same from every pixel, and one step moves at most one pixel along
+        # each axis, so a ray leaving the image lands on the padding first
+        offsets = (np.rint(steps * np.sin(2 * np.pi * k / n_rays)).astype(np.int64) * (w + 2)
+                   + np.rint(steps * np.cos(2 * np.pi * k / n_rays)).astype(np.int64))
         alive = np.arange(ys.size)
         dist = np.full(ys.size, max_steps, np.float32)
-        for s in range(1, max_steps + 1):
-            py = np.clip(np.rint(ys[alive] + s * dy).astype(np.int64) + 1, 0, h + 1)
-            px = np.clip(np.rint(xs[alive] + s * dx).astype(np.int64) + 1, 0, w + 1)
-            left = padded[py * (w + 2) + px] != own[alive]
+        for s, offset in zip(steps, offsets):
+            left = padded[start[alive] + offset] != own[alive]
             if left.any():
                 dist[alive[left]] = s - 0.5
                 alive = alive[~left]
