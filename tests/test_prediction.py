@@ -379,6 +379,10 @@ def test_predict_cli_diameter_and_threshold_overrides(tmp_path, capsys):
     assert main(["predict", str(tmp_path / "big.tif"), "-o", str(tmp_path / "p"), "--quiet", "--peak-h", "0",
                  "--diameter", f"{d:.1f}"]) == 0
     assert 4 <= tifffile.imread(tmp_path / "p" / "big_labels.tif").max() <= 8
+    # without the flows' convergence (the stage-10 post-processing) as well
+    assert main(["predict", str(tmp_path / "big.tif"), "-o", str(tmp_path / "f"), "--quiet", "--flow-convergence", "0",
+                 "--peak-h", "0.3", "--diameter", f"{d:.1f}"]) == 0
+    assert 4 <= tifffile.imread(tmp_path / "f" / "big_labels.tif").max() <= 8
     assert main(["predict", str(tmp_path / "big.tif"), "-o", str(tmp_path / "c"), "--diameter", "-3"]) == 1
     assert "--diameter must be a positive number" in capsys.readouterr().err
 

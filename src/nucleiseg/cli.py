@@ -254,6 +254,9 @@ def _add_predict(sub) -> None:
                    help="override the model's seed peak height (0: one seed per region above the marker threshold)")
     g.add_argument("--object-prob", type=float, default=None,
                    help="override the model's object threshold: nuclei whose mean probability is below it are dropped (0: keep all)")
+    g.add_argument("--flow-convergence", type=float, default=None,
+                   help="override the weight of the flows' convergence added to the seed map (flow models; 0: the "
+                        "distance map alone, then a lower --peak-h)")
     g = p.add_argument_group("output")
     g.add_argument("--outputs", default="labels,mask,overlay,csv",
                    help="comma-separated: labels, mask, overlay, csv (per image) and rle (Kaggle CSV for the run)")
@@ -315,7 +318,7 @@ def _load_model(args):
 def _threshold_overrides(args) -> dict:
     """Thresholds given on the command line; they travel with the per-file options (also to Dask workers)."""
     overrides = {"mask": args.mask_threshold, "marker": args.marker_threshold, "min_size": args.min_size,
-                 "peak_h": args.peak_h, "object_prob": args.object_prob}
+                 "peak_h": args.peak_h, "object_prob": args.object_prob, "flow_convergence": args.flow_convergence}
     return {k: v for k, v in overrides.items() if v is not None}
 
 
