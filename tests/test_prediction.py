@@ -13,7 +13,7 @@ from nucleiseg.cli import main
 from nucleiseg.data import median_diameter
 from nucleiseg.inference import predict_maps, tile_starts
 from nucleiseg.metrics import iou_matrix, matching
-from nucleiseg.outputs import rle_decode, rle_encode
+from nucleiseg.outputs import outlines, rle_decode, rle_encode
 from nucleiseg.targets import vector_channels
 from nucleiseg.synthetic import mosaic, nuclei_image
 
@@ -239,6 +239,22 @@ def test_outputs_are_standard_files(tmp_path):
     assert main(["predict", str(tmp_path / "two_channel.tif"), "-o", str(out), "--quiet", "--channel", "1",
                  "--outputs", "labels"]) == 0
     assert (out / "two_channel_labels.tif").is_file() and not (out / "two_channel_mask.png").exists()
+    # outlines for QuPath / napari (GeoJSON) and Fiji (ImageJ ROI set), one per nucleus, named by its label
+    from roifile import roiread
+
+    assert main(["predict", str(tmp_path / "cells.png"), "-o", str(tmp_path / "o"), "--quiet", "--outputs", "outlines,rois"]) == 0
+    features = json.loads((tmp_path / "o" / "cells_outlines.geojson").read_text())["features"]
+    assert [f["properties"]["label"] for f in features] == list(range(1, labels.max() + 1))
+    assert all(f["geometry"]["type"] == "Polygon" and f["properties"]["objectType"] == "detection" for f in features)
+    rois = roiread(tmp_path / "o" / "cells_rois.zip")
+    assert [r.name for r in rois] == [f"{i:06d}" for i in range(1, labels.max() + 1)]
+    for roi, feature in zip(rois, features):
+        ring = np.array(feature["geometry"]["coordinates"][0])
+        assert np.allclose(roi.coordinates(), ring[:len(roi.coordinates())], atol=0.01)
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "empty.png")  # no nuclei: empty, valid files
+    assert main(["predict", str(tmp_path / "empty.png"), "-o", str(tmp_path / "o"), "--quiet", "--outputs", "outlines,rois"]) == 0
+    assert json.loads((tmp_path / "o" / "empty_outlines.geojson").read_text())["features"] == []
+    assert roiread(tmp_path / "o" / "empty_rois.zip") == []
 
 
 def test_glob_inputs(tmp_path):
@@ -248,6 +264,34 @@ def test_glob_inputs(tmp_path):
     out = tmp_path / "out"
     assert main(["predict", str(tmp_path / "g*.png"), "-o", str(out), "--quiet", "--outputs", "labels"]) == 0
     assert sorted(p.name for p in out.glob("*_labels.tif")) == ["g0_labels.tif", "g1_labels.tif"]
+
+
+def _shoelace(xy: np.ndarray) -> float:
+    return 0.5 * abs(np.dot(xy[:-1, 0], xy[1:, 1]) - np.dot(xy[1:, 0], xy[:-1, 1]))
+
+
+def test_outlines_run_along_the_pixel_edges():
+    labels = np.zeros((20, 30), np.int32)
+    labels[3:13, 5:11] = 4  # rows 3..12, columns 5..10: 10 x 6 pixels
+    labels[15:20, 25:30] = 7  # touches the image's corner
+    (four, xy), (seven, xy7) = outlines(labels)
+    assert (four, seven) == (4, 7) and np.array_equal(xy[0], xy[-1])  # closed rings
+    # pixel-corner coordinates: the rectangle spans x 5..11, y 3..13; its 4 corners are cut by 1/8 pixel each
+    assert xy[:, 0].min() == 5 and xy[:, 0].max() == 11 and xy[:, 1].min() == 3 and xy[:, 1].max() == 13
+    assert _shoelace(xy) == pytest.approx(60 - 4 / 8)
+    assert xy7[:, 0].max() == 30 and xy7[:, 1].max() == 20 and _shoelace(xy7) == pytest.approx(25 - 4 / 8)
+
+
+def test_outlines_redraw_realistic_nuclei():
+    from skimage.draw import polygon2mask
+
+    _, labels = nuclei_image((128, 128), n=12, seed=4)
+    polygons = outlines(labels)
+    assert [i for i, _ in polygons] == sorted(set(np.unique(labels)) - {0})
+    for i, xy in polygons:
+        redrawn = polygon2mask(labels.shape, xy[:, ::-1] - 0.5)  # corners -> pixel centres, (row, column)
+        assert iou_matrix(labels == i, redrawn)[0, 0] > 0.85
+        assert _shoelace(xy) == pytest.approx((labels == i).sum(), rel=0.1)
 
 
 def test_rle_round_trip():

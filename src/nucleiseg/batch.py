@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .io import DEFAULT_MAX_PIXELS, ImageError, is_image_file, read_image
-from .outputs import OUTPUT_KINDS, output_paths, rle_rows, write_outputs
+from .outputs import DEFAULT_OUTPUTS, output_paths, rle_rows, write_outputs
 
 
 class InputError(ValueError):
@@ -95,7 +95,7 @@ class Options:
     """Per-file prediction settings (the same for every file of a run)."""
 
     out_dir: Path
-    outputs: tuple[str, ...] = OUTPUT_KINDS
+    outputs: tuple[str, ...] = DEFAULT_OUTPUTS
     channel: int | None = None
     tta: bool = False
     tile_size: int | None = None

@@ -259,7 +259,8 @@ def _add_predict(sub) -> None:
                         "distance map alone, then a lower --peak-h)")
     g = p.add_argument_group("output")
     g.add_argument("--outputs", default="labels,mask,overlay,csv",
-                   help="comma-separated: labels, mask, overlay, csv (per image) and rle (Kaggle CSV for the run)")
+                   help="comma-separated: labels, mask, overlay, csv, outlines (GeoJSON polygons for QuPath and napari), "
+                        "rois (ImageJ ROI set for Fiji) per image, and rle (Kaggle CSV for the run)")
     g.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     g.add_argument("--resume", action="store_true", help="skip images whose outputs are all present")
     g.add_argument("--quiet", action="store_true", help="no progress bar; errors and the final line only")

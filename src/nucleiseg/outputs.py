@@ -1,4 +1,5 @@
-"""What prediction writes: label TIFF, binary mask PNG, overlay PNG, per-nucleus CSV, run-length encoding.
+"""What prediction writes: label TIFF, binary mask PNG, overlay PNG, per-nucleus CSV, outlines for other
+tools (GeoJSON for QuPath / napari / GIS, ImageJ ROI sets for Fiji), run-length encoding.
 
 Every file is written atomically (temporary file + rename), so an interrupted run never leaves a
 half-written output behind.
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io as _io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,8 @@ from skimage.segmentation import find_boundaries
 from .io import atomic_path, write_png, write_tiff
 from .transforms import to_display_rgb
 
-OUTPUT_KINDS = ("labels", "mask", "overlay", "csv")
+OUTPUT_KINDS = ("labels", "mask", "overlay", "csv", "outlines", "rois")  # every per-image output
+DEFAULT_OUTPUTS = ("labels", "mask", "overlay", "csv")  # what `nucleiseg predict` writes unless told
 RUN_OUTPUTS = ("summary", "rle")
 PROPERTIES = ("label", "centroid", "area", "perimeter", "eccentricity", "bbox", "intensity_mean", "intensity_max")
 
@@ -39,7 +42,7 @@ def convex_solidity(regionmask: np.ndarray) -> float:
 def output_paths(out_dir: Path, stem: str, kinds: tuple[str, ...]) -> dict[str, Path]:
     """Where each per-image output of ``stem`` goes."""
     names = {"labels": f"{stem}_labels.tif", "mask": f"{stem}_mask.png", "overlay": f"{stem}_overlay.png",
-             "csv": f"{stem}_nuclei.csv"}
+             "csv": f"{stem}_nuclei.csv", "outlines": f"{stem}_outlines.geojson", "rois": f"{stem}_rois.zip"}
     return {k: out_dir / names[k] for k in kinds}
 
 
@@ -88,8 +91,45 @@ def _fmt(v):
     return int(v) if isinstance(v, (np.integer,)) else v
 
 
+def outlines(labels: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """(label, closed polygon (N, 2) of x, y) per nucleus, in pixel-corner coordinates (pixel (0, 0) spans
+    0..1, as in Fiji and QuPath): the half-level contour of its mask, along its pixels' outer edges with the
+    corners cut. A nucleus in several pieces is outlined by its largest."""
+    from scipy import ndimage as ndi
+    from skimage.measure import find_contours
+
+    polygons = []
+    for i, sl in enumerate(ndi.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        mask = np.pad(labels[sl] == i, 1).astype(np.uint8)  # padded: the contour closes around the object
+        contour = max(find_contours(mask, 0.5, fully_connected="high"), key=len)
+        # back to image indices (-1 for the padding), then from pixel centres to pixel corners (+0.5)
+        polygons.append((i, np.stack([contour[:, 1] + sl[1].start - 0.5, contour[:, 0] + sl[0].start - 0.5], axis=1)))
+    return polygons
+
+
+def write_geojson(path: Path, polygons: list[tuple[int, np.ndarray]]) -> None:
+    """A GeoJSON FeatureCollection of the nuclei's outlines (QuPath imports them as detections)."""
+    features = [{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [np.round(xy, 2).tolist()]},
+                 "properties": {"objectType": "detection", "name": f"nucleus {i}", "label": i}} for i, xy in polygons]
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+
+
+def write_imagej_rois(path: Path, polygons: list[tuple[int, np.ndarray]]) -> None:
+    """An ImageJ ROI set (.zip, opened by Fiji's ROI Manager), one polygon per nucleus named by its label."""
+    import zipfile
+
+    from roifile import ImagejRoi
+
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w") as zf:
+        for i, xy in polygons:
+            zf.writestr(f"{i:06d}.roi", ImagejRoi.frompoints(xy, name=f"{i:06d}").tobytes())
+
+
 def write_outputs(out_dir: Path, stem: str, image: np.ndarray, labels: np.ndarray,
-                  kinds: tuple[str, ...] = OUTPUT_KINDS) -> dict[str, Path]:
+                  kinds: tuple[str, ...] = DEFAULT_OUTPUTS) -> dict[str, Path]:
     """Write the requested per-image outputs; returns their paths."""
     paths = output_paths(out_dir, stem, kinds)
     if "labels" in paths:
@@ -101,6 +141,12 @@ def write_outputs(out_dir: Path, stem: str, image: np.ndarray, labels: np.ndarra
         write_png(paths["overlay"], overlay(image, labels))
     if "csv" in paths:
         write_table(paths["csv"], measurements(labels, image))
+    if "outlines" in paths or "rois" in paths:
+        polygons = outlines(labels)
+        if "outlines" in paths:
+            write_geojson(paths["outlines"], polygons)
+        if "rois" in paths:
+            write_imagej_rois(paths["rois"], polygons)
     return paths
 
 
