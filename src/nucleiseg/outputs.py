@@ -119,13 +119,10 @@ def write_geojson(path: Path, polygons: list[tuple[int, np.ndarray]]) -> None:
 
 def write_imagej_rois(path: Path, polygons: list[tuple[int, np.ndarray]]) -> None:
     """An ImageJ ROI set (.zip, opened by Fiji's ROI Manager), one polygon per nucleus named by its label."""
-    import zipfile
+    from roifile import ImagejRoi, roiwrite
 
-    from roifile import ImagejRoi
-
-    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w") as zf:
-        for i, xy in polygons:
-            zf.writestr(f"{i:06d}.roi", ImagejRoi.frompoints(xy, name=f"{i:06d}").tobytes())
+    with atomic_path(path) as tmp:
+        roiwrite(tmp, [ImagejRoi.frompoints(xy, name=f"{i:06d}") for i, xy in polygons], mode="w")
 
 
 def write_outputs(out_dir: Path, stem: str, image: np.ndarray, labels: np.ndarray,
