@@ -1,15 +1,19 @@
 """Training-step speed: fp32 vs bf16 autocast, contiguous vs channels_last (batch 8 of 256x256 crops).
 
-    .venv/bin/python benchmarks/bench_train_step.py
+    .venv/bin/python benchmarks/bench_train_step.py [--steps N]
+
+Also prints whether the CPU has bf16 units (AMX / AVX512-BF16), which `--precision auto` uses to choose.
 """
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
 
 from nucleiseg.network import UNet
 from nucleiseg.targets import loss
+from nucleiseg.training import resolve_precision
 
 
 def step_time(precision: str, channels_last: bool, steps: int = 8) -> float:
@@ -35,10 +39,16 @@ def step_time(precision: str, channels_last: bool, steps: int = 8) -> float:
 
 
 if __name__ == "__main__":
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per setting (after 2 warm-up steps)")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, AMX {torch.cpu._is_amx_tile_supported()}, "
+          f"AVX512-BF16 {torch.cpu._is_avx512_bf16_supported()}: --precision auto trains with "
+          f"{resolve_precision('auto', 'cpu')}")
     base = None
     for precision in ("fp32", "bf16"):
         for cl in (False, True):
-            t = step_time(precision, cl)
+            t = step_time(precision, cl, args.steps)
             base = base or t
             print(f"{precision:>4} channels_last={cl!s:<5}  {t * 1000:7.0f} ms/step  {8 / t:5.1f} crops/s  x{base / t:.2f}")

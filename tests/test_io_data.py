@@ -162,3 +162,32 @@ def test_unknown_augmentation_is_refused():
 
     with pytest.raises(ValueError, match="unknown augmentation"):
         augmentation(64, "heavy")
+
+
+def test_grey_gammas_give_dim_nuclei_brightened_channels():
+    """With ``grey_gammas`` a grey image (2-D, or RGB with equal channels) becomes x, x^0.5, x^0.25; a dim
+    nucleus's contrast to a bright one rises in the gamma channels; colour images are left as they were."""
+    from nucleiseg.transforms import is_grey
+
+    image, labels = nuclei_image((128, 128), n=8, seed=3, dtype=np.uint16)
+    image = image.astype(np.float64)
+    image[labels == 1] *= 0.3  # one dim nucleus
+    image = image.astype(np.uint16)
+    settings = {"grey_gammas": [1, 0.5, 0.25]}
+    out = normalize(image, settings)
+    x = normalize(image)[..., 0]
+    assert np.allclose(out[..., 0], x)
+    assert np.allclose(out[..., 1], np.clip(x, 0, None) ** 0.5, atol=1e-6)
+    assert np.allclose(out[..., 2], np.clip(x, 0, None) ** 0.25, atol=1e-6)
+    dim, bright = labels == 1, labels == 2
+    contrast = [out[..., c][dim].mean() / out[..., c][bright].mean() for c in range(3)]
+    assert contrast[0] < contrast[1] < contrast[2]
+    rgb_grey = np.repeat(image[..., None], 3, axis=2)
+    assert is_grey(image) and is_grey(rgb_grey)
+    x = normalize(rgb_grey)[..., 0]  # its own percentiles (of 3x the values: nearly the 2-D image's)
+    expected = np.stack([x, np.clip(x, 0, None) ** 0.5, np.clip(x, 0, None) ** 0.25], axis=2)
+    assert np.allclose(normalize(rgb_grey, settings), expected, atol=1e-6)
+    colour = rgb_grey.copy()
+    colour[..., 2] //= 2
+    assert not is_grey(colour)
+    assert np.array_equal(normalize(colour, settings), normalize(colour))

@@ -57,6 +57,9 @@ def _add_train(sub) -> None:
     g.add_argument("--scale-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                    help="random scale range of the augmentation instead of the above (e.g. 0.75 2: nuclei up to "
                         "twice the training images' size)")
+    g.add_argument("--grey-gammas", type=float, nargs=3, default=None, metavar=("G1", "G2", "G3"),
+                   help="give grey images to the network as three channels x^G1, x^G2, x^G3 (e.g. 1 0.5 0.25: dim "
+                        "nuclei also seen brightened) instead of grey repeated; stored in the model, used at prediction")
     g.add_argument("--crops-per-image", type=int, default=1, help="random crops per training image per epoch")
     g.add_argument("--type-balance", type=float, default=0.0,
                    help="> 0: crops per image proportional to (frequency of its type: fluorescence, brightfield, "
@@ -93,7 +96,9 @@ def _add_train(sub) -> None:
                    help="fine-tune: start from this model folder's weights ('default': the bundled model) "
                         "instead of ImageNet")
     g.add_argument("--dice-weight", type=float, default=0.0, help="weight of an added foreground Dice loss")
-    g.add_argument("--precision", default="bf16-mixed", help="'bf16-mixed' (fast on CPUs with AMX/AVX512-BF16) or '32'")
+    g.add_argument("--precision", default="auto",
+                   help="'auto' (default): 'bf16-mixed' where the CPU (AMX, AVX512-BF16) or GPU has bf16 units, else '32'; "
+                        "or any Lightning precision ('bf16-mixed', '32', '16-mixed')")
     g.add_argument("--thresholds-from", default=None, help="copy thresholds.json from this model folder "
                                                            "(for runs without a validation split)")
     g.add_argument("--resume", metavar="RUN", default=None, help="continue a killed run from its last checkpoint")
@@ -178,7 +183,7 @@ def cmd_train(args) -> int:
                           distance_weight=args.distance_weight, flow_weight=args.flow_weight, ray_weight=args.ray_weight,
                           contact_pos_weight=args.contact_pos_weight, full_res_channels=args.full_res_channels,
                           decoder_channels=args.decoder_channels, init_model=args.init_model, crops_per_image=args.crops_per_image,
-                          type_balance=args.type_balance,
+                          type_balance=args.type_balance, grey_gammas=args.grey_gammas,
                           num_workers=args.workers, max_images=args.max_images, thresholds_from=args.thresholds_from,
                           accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,
                           strategy=args.strategy, progress=not args.quiet)

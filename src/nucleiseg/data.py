@@ -147,7 +147,7 @@ AUGMENTATIONS = ("basic", "strong")
 
 
 def augmentation(crop: int, strength: str = "basic", scale: float = 0.25, intensity: float = 0.2,
-                 scale_range: tuple[float, float] | None = None):
+                 scale_range: tuple[float, float] | None = None, channel_shuffle: bool = True):
     """Albumentations pipeline: random scale, crop at native resolution, flips/rot90, brightness/contrast.
 
     ``strong`` adds what differs between microscopes and stains beyond that: a wider scale range (0.5-1.5x),
@@ -167,8 +167,9 @@ def augmentation(crop: int, strength: str = "basic", scale: float = 0.25, intens
     if strong:
         geometry.append(A.Affine(rotate=(-180, 180), interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST,
                                  border_mode=cv2.BORDER_REFLECT_101, p=0.3))
-    pixels = [A.RandomBrightnessContrast(brightness_limit=intensity, contrast_limit=intensity, p=0.5),
-              A.ChannelShuffle(p=0.2)]
+    pixels = [A.RandomBrightnessContrast(brightness_limit=intensity, contrast_limit=intensity, p=0.5)]
+    if channel_shuffle:
+        pixels.append(A.ChannelShuffle(p=0.2))
     if strong:
         pixels += [A.MultiplicativeNoise(multiplier=(0.8, 1.2), per_channel=True, p=0.3),
                    A.GaussianBlur(sigma_limit=(0.3, 1.2), p=0.2),
@@ -190,9 +191,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, items: list[tuple[str, np.ndarray, np.ndarray]], design: str, crop: int | None = None,
-                 augment: str | None = "basic", scale_range: tuple[float, float] | None = None):
+                 augment: str | None = "basic", scale_range: tuple[float, float] | None = None,
+                 channel_shuffle: bool = True):
         self.items, self.design, self.crop = items, design, crop
-        self.transform = augmentation(crop, augment, scale_range=scale_range) if crop and augment else None
+        self.transform = (augmentation(crop, augment, scale_range=scale_range, channel_shuffle=channel_shuffle)
+                          if crop and augment else None)
 
     def __len__(self) -> int:
         return len(self.items)

@@ -25,16 +25,34 @@ def intensity_scale(image: np.ndarray, normalization: dict | None = None) -> tup
     return lo, max(hi - lo, norm.get("min_range", 0.0) * (top - lo), 1e-6)
 
 
+def is_grey(image: np.ndarray) -> bool:
+    """True for (H, W) images and for (H, W, 3) ones whose channels are equal (grey saved as RGB(A))."""
+    if image.ndim == 2:
+        return True
+    few = image[::7, ::7]  # a cheap first look before comparing every pixel
+    if not (np.array_equal(few[..., 0], few[..., 1]) and np.array_equal(few[..., 0], few[..., 2])):
+        return False
+    return bool(np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(image[..., 0], image[..., 2]))
+
+
 def normalize(image: np.ndarray, normalization: dict | None = None,
               scale: tuple[float, float] | None = None) -> np.ndarray:
     """Map an (H, W) or (H, W, 3) image of any dtype to float32 (H, W, 3), percentiles -> [0, 1].
 
     The same function (with the settings stored in the model config) runs at training and prediction,
-    so 8-bit, 16-bit and float images all reach the network on one scale. Grey is repeated to 3 channels.
-    ``scale`` fixes (offset, scale) instead, e.g. from a whole image when normalising one of its blocks.
+    so 8-bit, 16-bit and float images all reach the network on one scale. Grey is repeated to 3 channels,
+    or, with ``grey_gammas`` (g1, g2, g3) in the settings, given as x^g1, x^g2, x^g3 (x clipped at 0 for g != 1),
+    so that dim nuclei also reach the network brightened. ``scale`` fixes (offset, scale) instead, e.g. from a
+    whole image when normalising one of its blocks.
     """
     image = np.asarray(image)
     offset, factor = scale if scale is not None else intensity_scale(image, normalization)
+    gammas = (normalization or {}).get("grey_gammas")
+    if gammas and is_grey(image):
+        grey = (np.asarray(image if image.ndim == 2 else image[..., 0]).astype(np.float32) - offset) / factor
+        positive = np.clip(grey, 0, None)
+        out = np.stack([grey if g == 1 else positive ** np.float32(g) for g in gammas], axis=2)
+        return np.ascontiguousarray(out, dtype=np.float32)
     out = (image.astype(np.float32) - offset) / factor
     if out.ndim == 2:
         out = np.repeat(out[..., None], 3, axis=2)
