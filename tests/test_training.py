@@ -392,7 +392,7 @@ def test_grey_gammas_are_stored_inherited_and_used_at_prediction(trained, tmp_pa
 
 
 def test_precision_auto_uses_bf16_only_on_hardware_with_bf16_units(monkeypatch, caplog):
-    """bf16 autocast is 2.3x faster than fp32 on a CPU with AMX but ~15x slower on one without bf16 units
+    """bf16 autocast is 2.3x faster than fp32 on a CPU with AMX but ~10x slower on one without bf16 units
     (measured: AMD EPYC with AVX2 only), so 'auto' picks by the hardware and an explicit bf16 there warns."""
     import torch
 

@@ -107,7 +107,7 @@ def bf16_hardware(accelerator: str = "cpu") -> bool:
 
 def resolve_precision(precision: str, accelerator: str = "cpu") -> str:
     """The Lightning precision to train with: 'auto' becomes 'bf16-mixed' where :func:`bf16_hardware` (2.3x
-    faster than fp32 on an AMX CPU), else '32': without bf16 units a CPU emulates it, ~15x slower than fp32."""
+    faster than fp32 on an AMX CPU), else '32': without bf16 units a CPU emulates it, ~10x slower than fp32."""
     fast = bf16_hardware(accelerator)
     if precision == "auto":
         return "bf16-mixed" if fast else "32"
