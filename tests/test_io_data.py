@@ -191,3 +191,30 @@ def test_grey_gammas_give_dim_nuclei_brightened_channels():
     colour[..., 2] //= 2
     assert not is_grey(colour)
     assert np.array_equal(normalize(colour, settings), normalize(colour))
+
+
+def test_image_type_sees_grey_gamma_channels_as_grey():
+    """Image types (per-type evaluation, type-balanced crops) are the same whether or not grey images are
+    normalised to gamma channels; a colour image is still histology."""
+    from nucleiseg.evaluate import image_type
+    from nucleiseg.training import crops_per_item
+
+    settings = {"grey_gammas": [1, 0.5, 0.25]}
+    fluo, _ = nuclei_image((96, 96), n=6, seed=1, dtype=np.uint16)
+    bright = (fluo.max() - fluo).astype(np.uint16)  # dark nuclei on a bright background
+    rng = np.random.default_rng(0)
+    colour = np.stack([bright, bright // 2, (bright * 0.8).astype(np.uint16)], axis=2)
+    colour = (colour + rng.integers(0, 2000, colour.shape)).astype(np.uint16)
+    raw = {"fluorescence": fluo, "brightfield": bright, "histology": colour}
+    for kind, image in raw.items():
+        assert image_type(normalize(image)) == kind
+        assert image_type(normalize(image, settings), settings) == kind
+        assert image_type(normalize(np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image, settings),
+                          settings) == kind
+    assert image_type(normalize(fluo, settings)) == "histology"  # without the settings: seen as coloured
+    items = [(k, normalize(image), None) for k, image in raw.items()] * 2 + [("f", normalize(fluo), None)] * 4
+    gamma_items = [(k, normalize(image, settings), None) for k, image in raw.items()] * 2 + \
+        [("f", normalize(fluo, settings), None)] * 4
+    counts = crops_per_item(items, 2, type_balance=0.5)
+    assert counts.min() < counts.max()
+    assert np.array_equal(crops_per_item(gamma_items, 2, type_balance=0.5, normalization=settings), counts)

@@ -17,14 +17,17 @@ from .data import find_samples, load_items
 from .figures import outlines_figure
 from .metrics import instance_metrics, pixel_metrics, pooled_dsb_score, pooled_matching
 from .postprocess import WITH_FLOWS, instances
+from .transforms import gamma_grey
 
 IMAGE_TYPES = ("fluorescence", "brightfield", "histology")
 
 
-def image_type(image: np.ndarray) -> str:
-    """Group an image by colour statistics: grey on dark = fluorescence, grey on bright = brightfield,
-    coloured = histology (stained tissue)."""
-    img = np.asarray(image, np.float32)
+def image_type(image: np.ndarray, normalization: dict | None = None) -> str:
+    """Group a normalised image by colour statistics: grey on dark = fluorescence, grey on bright =
+    brightfield, coloured = histology (stained tissue). ``normalization``: the settings it was normalised
+    with, so that a grey image given as ``grey_gammas`` channels still counts as grey."""
+    grey = gamma_grey(image, normalization)
+    img = np.asarray(image if grey is None else grey, np.float32)
     if img.ndim == 3 and img.shape[2] == 3:
         spread = float(np.mean(np.abs(img[..., 0] - img[..., 1]) + np.abs(img[..., 1] - img[..., 2])))
         if spread > 0.04:
@@ -120,7 +123,7 @@ def evaluate_items(model, items: list[tuple[str, np.ndarray, np.ndarray]], maps:
         else:
             m = maps[i] if maps is not None else model.maps_from_normalized(image, tta=tta)
             pred = instances(m, model.design, model.thresholds_for(tta))
-        row = {"image": name, "type": image_type(image), "height": true.shape[0], "width": true.shape[1],
+        row = {"image": name, "type": image_type(image, model.config["normalization"]), "height": true.shape[0], "width": true.shape[1],
                **pixel_metrics(true > 0, pred > 0), **instance_metrics(true, pred),
                "seconds": time.perf_counter() - started}
         rows.append(row)

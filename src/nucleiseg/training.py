@@ -124,18 +124,20 @@ def _this_rank_share(n: int) -> range:
     return range(n)
 
 
-def crops_per_item(items, crops_per_image: int, type_balance: float = 0.0) -> np.ndarray:
+def crops_per_item(items, crops_per_image: int, type_balance: float = 0.0,
+                   normalization: dict | None = None) -> np.ndarray:
     """Random crops of each training image per epoch: ``crops_per_image`` each, or with ``type_balance``
     > 0 proportional to (frequency of the image's type) ** -type_balance, scaled to average
     ``crops_per_image`` before rounding (at least 1 each), so rare image types (brightfield, histology
-    among mostly fluorescence) are seen more often."""
+    among mostly fluorescence) are seen more often. ``normalization``: the settings the items were
+    normalised with (see ``evaluate.image_type``)."""
     counts = np.full(len(items), crops_per_image)
     if type_balance > 0 and items:
         from collections import Counter
 
         from .evaluate import image_type
 
-        types = [image_type(image) for _, image, _ in items]
+        types = [image_type(image, normalization) for _, image, _ in items]
         freq = Counter(types)
         weight = np.array([freq[t] ** -type_balance for t in types])
         counts = np.maximum(1, np.round(weight / weight.mean() * crops_per_image)).astype(int)
@@ -453,11 +455,11 @@ class HistoryCallback(L.Callback):
         training_curves(self.rows, self.run_dir / "curves.png")
 
 
-def _loaders(cfg: TrainConfig, train_items, val_items, design: str):
+def _loaders(cfg: TrainConfig, train_items, val_items, design: str, normalization: dict):
     # grey images given as gamma channels keep their channel order (shuffling them would mismatch prediction)
     train_ds = TrainDataset(train_items, design, cfg.crop, cfg.seed, cfg.augment, cfg.scale_range,
                             channel_shuffle=not cfg.grey_gammas)
-    counts = crops_per_item(train_items, cfg.crops_per_image, cfg.type_balance)
+    counts = crops_per_item(train_items, cfg.crops_per_image, cfg.type_balance, normalization)
     sampler = EpochSampler(len(train_ds), cfg.seed, counts)
     train = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                                         num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
@@ -524,7 +526,7 @@ def train(cfg: TrainConfig, resume: bool = False, epochs: int | None = None) -> 
     module = SegmentationModule(model_config, asdict(cfg))
     if not resume:
         log.info("initialised from %s", module.init_weights())
-    train_loader, val_loader = _loaders(cfg, train_items, val_items, cfg.design)
+    train_loader, val_loader = _loaders(cfg, train_items, val_items, cfg.design, model_config["normalization"])
 
     monitor, mode = ("val_dsb", "max") if val_items else ("train_loss", "min")
     ckpt_dir = run_dir / "checkpoints"

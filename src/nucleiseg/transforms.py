@@ -59,6 +59,22 @@ def normalize(image: np.ndarray, normalization: dict | None = None,
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
+def gamma_grey(image: np.ndarray, normalization: dict | None) -> np.ndarray | None:
+    """The grey values (clipped at 0) of an image that :func:`normalize` gave as ``grey_gammas`` channels
+    (x^g1, x^g2, x^g3), recognised by that relation between its channels; None for any other image.
+
+    Lets colour statistics (e.g. the image type) see such an image as the grey image it is."""
+    gammas = (normalization or {}).get("grey_gammas")
+    image = np.asarray(image)
+    if not gammas or image.ndim != 3 or image.shape[2] != len(gammas):
+        return None
+    few = image[::7, ::7].astype(np.float32)  # the relation is exact per pixel: a subsample tells
+    grey = np.clip(few[..., 0], 0, None) ** np.float32(1 / gammas[0])
+    if not all(np.allclose(few[..., k], grey ** np.float32(g), atol=1e-3) for k, g in enumerate(gammas) if k):
+        return None
+    return np.clip(image[..., 0].astype(np.float32), 0, None) ** np.float32(1 / gammas[0])
+
+
 def pad_to_multiple(array: np.ndarray, multiple: int, mode: str = "reflect") -> tuple[np.ndarray, tuple[int, int]]:
     """Pad the first two axes up to a multiple of ``multiple``; return the array and the original (H, W)."""
     h, w = array.shape[:2]
