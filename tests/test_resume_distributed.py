@@ -171,3 +171,28 @@ def test_large_lazy_image_measures_the_nucleus_size(tmp_path):
     # zoomed block by block as good as the zoomed whole image (each window is resampled on its own
     # grid, so single nuclei differ: F1 between the two measured 0.92)
     assert f1_auto >= matching(true, model.predict(image), 0.5)["f1"] - 0.03
+
+
+def test_blocks_normalise_a_colour_image_as_colour_even_where_its_channels_are_equal():
+    """A model that gives grey images as gamma channels: a colour image segmented block by block is
+    normalised as colour in every block, also in blocks where its channels happen to be equal; a grey
+    image saved as RGB is segmented as the grey image it is."""
+    from nucleiseg.blocks import segment_blocks
+
+    grey, _ = mosaic((512, 768), seed=7)
+    colour = np.repeat(grey[..., None], 3, axis=2)
+    colour[:, :320, 1] //= 2  # coloured on the left only: blocks on the right see equal channels
+    plain = nucleiseg.load()
+    gamma = nucleiseg.load()
+    gamma.config["normalization"] = {**gamma.config["normalization"], "grey_gammas": [1.0, 0.5, 0.25]}
+
+    def blockwise(model, image):
+        out = np.zeros(image.shape[:2], np.int32)
+        segment_blocks(model, image, out, block=256, halo=64, diameter=None)
+        return out
+
+    assert np.array_equal(blockwise(gamma, colour), blockwise(plain, colour))
+    rgb_grey = np.repeat(grey[..., None], 3, axis=2)
+    gamma_grey = blockwise(gamma, rgb_grey)
+    assert np.array_equal(gamma_grey, blockwise(gamma, grey))
+    assert not np.array_equal(gamma_grey, blockwise(plain, grey))  # the gamma channels do reach the network

@@ -17,13 +17,16 @@ def block_grid(h: int, w: int, block: int) -> list[tuple[int, int, int, int]]:
     return [(y, min(y + block, h), x, min(x + block, w)) for y in range(0, h, block) for x in range(0, w, block)]
 
 
-def _owned_objects(model, array, core, halo: int, scale, tile_size, tta=False, thresholds=None, diameter=None):
+def _owned_objects(model, array, core, halo: int, scale, tile_size, tta=False, thresholds=None, diameter=None,
+                   grey=False):
     """Segment a block with its halo; return the objects whose centroid lies in the core, as
-    (slices in image coordinates, boolean mask) pairs."""
+    (slices in image coordinates, boolean mask) pairs. ``grey``: the whole image is grey (its blocks go in 2-D)."""
     y0, y1, x0, x1 = core
     h, w = array.shape[:2]
     wy0, wy1, wx0, wx1 = max(0, y0 - halo), min(h, y1 + halo), max(0, x0 - halo), min(w, x1 + halo)
     window = np.asarray(array[wy0:wy1, wx0:wx1])
+    if grey and window.ndim == 3:
+        window = window[..., 0]
     labels = model.predict(window, scale=scale, tile_size=tile_size, tta=tta, thresholds=thresholds, diameter=diameter)
     if labels.max() == 0:
         return []
@@ -43,10 +46,12 @@ def _owned_objects(model, array, core, halo: int, scale, tile_size, tta=False, t
 
 def segment_blocks(model, array, out, block: int = 2048, halo: int = 128, scale: tuple[float, float] | None = None,
                    tile_size: int | None = None, progress: bool = False, client=None, tta: bool = False,
-                   thresholds: dict | None = None, diameter: float | None = None) -> int:
+                   thresholds: dict | None = None, diameter: float | None = None, grey: bool | None = None) -> int:
     """Write instance labels of ``array`` into ``out`` (same height/width, zeros) block by block.
 
-    ``scale`` is the whole image's intensity normalisation (computed here if None). ``diameter``: each
+    ``scale`` is the whole image's intensity normalisation and ``grey`` whether it is grey (2-D or RGB with
+    equal channels), both computed here if None: every block is normalised as the whole image would be,
+    even a block whose channels happen to be equal in a colour image. ``diameter``: each
     block is zoomed to the model's trained nucleus size (see ``Model.predict``); the halo, given in
     network pixels, grows with the zoom so blocks keep the same context. With a Dask ``client`` the
     blocks run on its workers. Returns the number of nuclei.
@@ -54,11 +59,13 @@ def segment_blocks(model, array, out, block: int = 2048, halo: int = 128, scale:
     from tqdm.auto import tqdm
 
     from .network import STRIDE
-    from .transforms import intensity_scale
+    from .transforms import intensity_scale, is_grey
 
     h, w = array.shape[:2]
     if scale is None:
         scale = intensity_scale(array, model.config["normalization"])
+    if grey is None:
+        grey = is_grey(np.asarray(array))
     factor = model.rescale_factor(diameter)
     if factor < 1:
         halo = int(np.ceil(halo / factor))
@@ -68,11 +75,12 @@ def segment_blocks(model, array, out, block: int = 2048, halo: int = 128, scale:
     if client is not None:
         model_future = client.scatter(model, broadcast=True)
         futures = [client.submit(_owned_objects, model_future, array, core, halo, scale, tile_size, tta, thresholds,
-                                 diameter, pure=False)
+                                 diameter, grey, pure=False)
                    for core in cores]
         results = (f.result() for f in futures)
     else:
-        results = (_owned_objects(model, array, core, halo, scale, tile_size, tta, thresholds, diameter) for core in cores)
+        results = (_owned_objects(model, array, core, halo, scale, tile_size, tta, thresholds, diameter, grey)
+                   for core in cores)
     next_label = 1
     for objects in tqdm(results, total=len(cores), desc="blocks", disable=not progress):
         if not objects:

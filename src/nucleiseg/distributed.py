@@ -93,16 +93,15 @@ def open_lazy(path: str | os.PathLike):
     return zarr.open(str(path), mode="r")
 
 
-def lazy_intensity_scale(array, normalization: dict, samples: int = 64, size: int = 256) -> tuple[float, float]:
-    """Normalisation (offset, scale) of a whole lazy image, from a fixed set of blocks spread over it."""
-    from .transforms import intensity_scale
-
+def lazy_pixels(array, samples: int = 64, size: int = 256) -> np.ndarray:
+    """Pixels of a lazy image from a fixed set of blocks spread over it, as an (N, 1) or (N, 1, C) array:
+    enough to normalise the whole image and to tell whether it is grey without reading all of it."""
     h, w = array.shape[:2]
     rng = np.random.default_rng(0)
     ys = rng.integers(0, max(1, h - size), samples)
     xs = rng.integers(0, max(1, w - size), samples)
-    pieces = [np.asarray(array[y:y + size, x:x + size]).reshape(-1) for y, x in zip(ys, xs)]
-    return intensity_scale(np.concatenate(pieces), normalization)
+    pieces = [np.asarray(array[y:y + size, x:x + size]).reshape(-1, 1, *array.shape[2:]) for y, x in zip(ys, xs)]
+    return np.concatenate(pieces)
 
 
 def lazy_windows(array, size: int = 1024) -> list[np.ndarray]:
@@ -129,13 +128,16 @@ def segment_large(model, source, out: str | os.PathLike, block: int = 2048, halo
     import zarr
 
     from .blocks import segment_blocks
+    from .transforms import intensity_scale, is_grey
 
     array = open_lazy(source) if isinstance(source, (str, os.PathLike)) else source
     h, w = array.shape[:2]
-    scale = lazy_intensity_scale(array, model.config["normalization"])
+    pixels = lazy_pixels(array)
+    scale, grey = intensity_scale(pixels, model.config["normalization"]), is_grey(pixels)
     if isinstance(diameter, str):  # 'auto' (or a wrong word: one error message, Model.resolve_diameter's)
-        diameter = model.resolve_diameter(diameter, lazy_windows(array), tile_size=tile_size, scale=scale)
+        windows = [win[..., 0] if grey and win.ndim == 3 else win for win in lazy_windows(array)]
+        diameter = model.resolve_diameter(diameter, windows, tile_size=tile_size, scale=scale)
     out_arr = zarr.open(str(out), mode="w", shape=(h, w), chunks=(min(1024, h), min(1024, w)), dtype="uint32")
     segment_blocks(model, array, out_arr, block=block, halo=halo, scale=scale, tile_size=tile_size,
-                   progress=progress, client=client, diameter=diameter)
+                   progress=progress, client=client, diameter=diameter, grey=grey)
     return Path(out)

@@ -240,7 +240,8 @@ class Model:
                      scale: tuple[float, float] | None = None) -> np.ndarray:
         """Probability maps (C, H, W) for a raw (H, W) or (H, W, 3) image of any dtype and size.
 
-        ``scale``: fixed intensity (offset, scale), e.g. of a whole image when this is one of its blocks.
+        ``scale``: fixed intensity (offset, scale), e.g. of a whole image when this is one of its blocks
+        (give a block of a grey image as 2-D: see :func:`transforms.normalize`).
         """
         return self.maps_from_normalized(normalize(image, self.config["normalization"], scale), tta, tile_size)
 

@@ -43,12 +43,13 @@ def normalize(image: np.ndarray, normalization: dict | None = None,
     so 8-bit, 16-bit and float images all reach the network on one scale. Grey is repeated to 3 channels,
     or, with ``grey_gammas`` (g1, g2, g3) in the settings, given as x^g1, x^g2, x^g3 (x clipped at 0 for g != 1),
     so that dim nuclei also reach the network brightened. ``scale`` fixes (offset, scale) instead, e.g. from a
-    whole image when normalising one of its blocks.
+    whole image when normalising one of its blocks; the array's shape then says whether it is grey (2-D), so
+    a block of a colour image whose channels happen to be equal (plain background) stays colour.
     """
     image = np.asarray(image)
     offset, factor = scale if scale is not None else intensity_scale(image, normalization)
     gammas = (normalization or {}).get("grey_gammas")
-    if gammas and is_grey(image):
+    if gammas and (image.ndim == 2 if scale is not None else is_grey(image)):
         grey = (np.asarray(image if image.ndim == 2 else image[..., 0]).astype(np.float32) - offset) / factor
         positive = np.clip(grey, 0, None)
         out = np.stack([grey if g == 1 else positive ** np.float32(g) for g in gammas], axis=2)
