@@ -1,5 +1,6 @@
 """A short real training run on synthetic nuclei must learn; the model folder round-trips exactly."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -409,3 +410,19 @@ def test_precision_auto_uses_bf16_only_on_hardware_with_bf16_units(monkeypatch, 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert resolve_precision("auto", "gpu") == "32"
+
+
+def test_lightning_messages_print_once_and_follow_the_log_level():
+    """Lightning's own messages (e.g. 'GPU available') go through the application's logging: once each,
+    and not at all under --quiet (level WARNING)."""
+    import subprocess
+    import sys
+
+    code = ("import logging, sys; logging.basicConfig(level=getattr(logging, sys.argv[1]), format='%(message)s'); "
+            "import nucleiseg.training; lg = logging.getLogger('lightning.pytorch.utilities.rank_zero'); "
+            "lg.info('an info line'); lg.warning('a warning line')")
+    for level, expected in (("INFO", ["an info line", "a warning line"]), ("WARNING", ["a warning line"])):
+        run = subprocess.run([sys.executable, "-c", code, level], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
+        assert run.returncode == 0, run.stderr
+        assert [line for line in run.stderr.splitlines() if line.endswith(" line")] == expected, run.stderr

@@ -29,6 +29,11 @@ from .targets import N_RAYS, foreground, loss as target_loss, probabilities
 from .weights import load_encoder_weights
 
 log = logging.getLogger(__name__)
+# Lightning gives its logger a handler and level of its own: its messages printed twice under the CLI's
+# logging, and --quiet did not silence them. They go through the application's logging setup instead.
+for _name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+    logging.getLogger(_name).handlers.clear()
+    logging.getLogger(_name).setLevel(logging.NOTSET)
 SCHEDULES = ("plateau", "cosine", "constant")
 DEFAULT_DESIGN = "flow"  # the bundled model's design, measured best of the instance designs (benchmarks/RESULTS.md)
 
