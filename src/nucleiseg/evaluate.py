@@ -123,7 +123,8 @@ def evaluate_items(model, items: list[tuple[str, np.ndarray, np.ndarray]], maps:
         else:
             m = maps[i] if maps is not None else model.maps_from_normalized(image, tta=tta)
             pred = instances(m, model.design, model.thresholds_for(tta))
-        row = {"image": name, "type": image_type(image, model.config["normalization"]), "height": true.shape[0], "width": true.shape[1],
+        row = {"image": name, "type": image_type(image, model.config["normalization"]),
+               "height": true.shape[0], "width": true.shape[1],
                **pixel_metrics(true > 0, pred > 0), **instance_metrics(true, pred),
                "seconds": time.perf_counter() - started}
         rows.append(row)
