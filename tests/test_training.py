@@ -240,6 +240,27 @@ def test_cosine_run_keeps_its_last_annealed_weights(trained, tmp_path):
         train(TrainConfig(data="", out=str(tmp_path / "cos"), progress=False), resume=True, epochs=6)
 
 
+def test_validation_every_n_epochs_and_changed_on_resume(trained, tmp_path):
+    """--val-every 2 validates only every second epoch (the history has no stale validation figures in the others);
+    a resumed run may change it (to 3: epoch 3 is not validated); the plateau schedule, which steps on each
+    validation, refuses it."""
+    import csv
+
+    model_dir, run = trained
+    data = json.loads((run / "train_config.json").read_text())["data"]
+    cfg = TrainConfig(data=data, out=str(tmp_path / "sparse"), design="contour", epochs=3, batch_size=8, crop=96,
+                      lr=1e-3, schedule="constant", encoder_weights="none", init_model=str(model_dir), progress=False,
+                      previews=0, val_every=2)
+    train(cfg)
+    assert (tmp_path / "sparse" / "checkpoints" / "best.ckpt").is_file()
+    train(TrainConfig(data="", out=str(tmp_path / "sparse"), progress=False), resume=True, epochs=4, val_every=3)
+    rows = list(csv.DictReader(open(tmp_path / "sparse" / "history.csv")))
+    assert [r["epoch"] for r in rows] == ["0", "1", "2", "3"] and all(r["train_loss"] for r in rows)
+    assert [bool(r["val_dsb"]) for r in rows] == [False, True, False, False]
+    with pytest.raises(ValueError, match="plateau"):
+        train(TrainConfig(data=data, out=str(tmp_path / "plateau"), schedule="plateau", val_every=2))
+
+
 def test_weight_averaging_keeps_the_mean_of_the_last_epochs():
     from types import SimpleNamespace
 

@@ -70,7 +70,9 @@ def _add_train(sub) -> None:
                         "epoch, or keep it (with --average-last)")
     g.add_argument("--average-last", type=int, default=0, metavar="N",
                    help="save the mean of the weights after each of the last N epochs (stochastic weight averaging)")
-    g.add_argument("--patience", type=int, default=10, help="early stopping patience (epochs)")
+    g.add_argument("--patience", type=int, default=10, help="early stopping patience (validations)")
+    g.add_argument("--val-every", type=int, default=None,
+                   help="validate every N epochs (default 1; with --resume: from now on); not with --schedule plateau")
     g.add_argument("--boundary-weight", type=float, default=3.0, help="cross-entropy weight of the boundary class")
     g.add_argument("--contact-weight", type=float, default=0.0,
                    help="distance designs: extra loss weight where touching nuclei meet (0 = off)")
@@ -167,7 +169,7 @@ def cmd_train(args) -> int:
 
     if args.resume:
         model_dir = train(TrainConfig(data="", out=args.resume, progress=not args.quiet), resume=True,
-                          epochs=args.epochs)
+                          epochs=args.epochs, val_every=args.val_every)
     else:
         if not args.data:
             raise SystemExit("nucleiseg train: --data is required (or --resume RUN)")
@@ -178,7 +180,7 @@ def cmd_train(args) -> int:
                           val_fraction=args.val_fraction,
                           seed=args.seed, split_seed=args.split_seed, encoder_weights=args.encoder_weights, freeze_encoder=args.freeze_encoder,
                           encoder_bn=args.encoder_bn,
-                          precision=args.precision, patience=args.patience, boundary_weight=args.boundary_weight,
+                          precision=args.precision, patience=args.patience, val_every=args.val_every or 1, boundary_weight=args.boundary_weight,
                           dice_weight=args.dice_weight, contact_weight=args.contact_weight, small_weight=args.small_weight,
                           distance_weight=args.distance_weight, flow_weight=args.flow_weight, ray_weight=args.ray_weight,
                           contact_pos_weight=args.contact_pos_weight, full_res_channels=args.full_res_channels,

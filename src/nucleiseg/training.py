@@ -62,7 +62,8 @@ class TrainConfig:
     freeze_encoder: bool = False
     encoder_bn: str = "frozen"  # 'frozen': fixed encoder BatchNorm statistics; 'train': batch statistics
     precision: str = "auto"  # 'auto': bf16-mixed where the hardware has bf16 units, else 32 (see resolve_precision)
-    patience: int = 10
+    patience: int = 10  # early stopping: validations without improvement
+    val_every: int = 1  # validate every this many epochs (on a slow CPU validation can take a third of an epoch)
     boundary_weight: float = 3.0
     dice_weight: float = 0.0
     contact_weight: float = 0.0  # distance designs: extra loss weight where touching nuclei meet
@@ -429,6 +430,7 @@ class HistoryCallback(L.Callback):
         self.run_dir = run_dir
         self.rows: list[dict] = []
         self.started, self.earlier_s = time.time(), 0.0
+        self.validated = -1  # the last epoch that ran validation
         path = run_dir / "history.csv"
         if path.exists():  # resumed run: keep earlier epochs
             with open(path) as fh:
@@ -443,10 +445,15 @@ class HistoryCallback(L.Callback):
         kept = [r for r in self.rows if r["epoch"] < trainer.current_epoch]  # epochs finished before a resume
         self.started, self.earlier_s = time.time(), (kept[-1].get("elapsed_s", 0.0) if kept else 0.0)
 
+    def on_validation_epoch_end(self, trainer, pl_module):
+        self.validated = trainer.current_epoch
+
     def on_train_epoch_end(self, trainer, pl_module):
         if not trainer.is_global_zero or trainer.sanity_checking:
             return
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train_", "val_"))}
+        # validation (when it runs this epoch) ends before this hook; otherwise its metrics are an earlier epoch's
+        kinds = ("train_", "val_") if self.validated == trainer.current_epoch else ("train_",)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(kinds)}
         row = {"epoch": trainer.current_epoch, "lr": trainer.optimizers[0].param_groups[0]["lr"],
                "time": time.time(), "elapsed_s": self.elapsed(), **metrics}
         self.rows = [r for r in self.rows if r["epoch"] < trainer.current_epoch] + [row]
@@ -475,11 +482,12 @@ def _loaders(cfg: TrainConfig, train_items, val_items, design: str, normalizatio
     return train, val
 
 
-def train(cfg: TrainConfig, resume: bool = False, epochs: int | None = None) -> Path:
+def train(cfg: TrainConfig, resume: bool = False, epochs: int | None = None, val_every: int | None = None) -> Path:
     """Train a model and write the run folder; returns the path of the saved model folder.
 
     With ``resume``, ``cfg.out`` must be an earlier run: its settings and ``last.ckpt`` are used and
-    training continues to the planned number of epochs, or to ``epochs`` (to extend a finished run).
+    training continues to the planned number of epochs, or to ``epochs`` (to extend a finished run),
+    validating every ``val_every`` epochs from now on if given (it does not change what is learnt).
     """
     run_dir = Path(cfg.out)
     if resume:
@@ -489,9 +497,13 @@ def train(cfg: TrainConfig, resume: bool = False, epochs: int | None = None) -> 
             # them the cosine would climb back to the full learning rate
             raise ValueError(f"{run_dir}: a cosine-schedule run cannot be extended to {epochs} epochs; "
                              f"fine-tune its model instead (--init-model {run_dir / 'model'})")
-        cfg = TrainConfig.from_dict({**saved, "progress": cfg.progress, "epochs": epochs or saved["epochs"]})
+        cfg = TrainConfig.from_dict({**saved, "progress": cfg.progress, "epochs": epochs or saved["epochs"],
+                                     "val_every": val_every or saved.get("val_every", 1)})
     elif (run_dir / "checkpoints" / "last.ckpt").exists():
         raise FileExistsError(f"{run_dir}: holds an earlier run; use --resume to continue it or choose another --out")
+    if cfg.val_every < 1 or (cfg.val_every > 1 and cfg.schedule == "plateau"):
+        raise ValueError(f"val_every {cfg.val_every}: must be 1 with the plateau schedule (it steps on each epoch's "
+                         "validation loss), else a positive number of epochs")
     # architecture defaults: as the model fine-tuned from, else the plain recipe
     init_config = read_config(cfg.init_model) if cfg.init_model else {}
     arch = init_config.get("architecture", {})
@@ -557,6 +569,7 @@ def train(cfg: TrainConfig, resume: bool = False, epochs: int | None = None) -> 
                         num_nodes=cfg.num_nodes, strategy=cfg.strategy, precision=precision,
                         callbacks=callbacks, logger=logger, enable_progress_bar=cfg.progress,
                         num_sanity_val_steps=0, log_every_n_steps=10, deterministic=False,
+                        check_val_every_n_epoch=cfg.val_every,
                         use_distributed_sampler=False,  # our samplers shard by rank themselves
                         enable_model_summary=cfg.progress)
     last = ckpt_dir / "last.ckpt"
