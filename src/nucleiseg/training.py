@@ -63,7 +63,7 @@ class TrainConfig:
     encoder_bn: str = "frozen"  # 'frozen': fixed encoder BatchNorm statistics; 'train': batch statistics
     precision: str = "auto"  # 'auto': bf16-mixed where the hardware has bf16 units, else 32 (see resolve_precision)
     patience: int = 10  # early stopping: validations without improvement
-    val_every: int = 1  # validate every this many epochs (on a slow CPU validation can take a third of an epoch)
+    val_every: int = 1  # validate every this many epochs (each validation segments every validation image)
     boundary_weight: float = 3.0
     dice_weight: float = 0.0
     contact_weight: float = 0.0  # distance designs: extra loss weight where touching nuclei meet
