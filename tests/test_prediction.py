@@ -349,7 +349,9 @@ def test_tune_command_saves_thresholds_no_worse_than_before(tmp_path, capsys):
     model_dir = tmp_path / "model"
     shutil.copytree(nucleiseg.model.DEFAULT_MODEL_DIR, model_dir)
     before = json.loads((model_dir / "thresholds.json").read_text())
-    assert main(["evaluate", "--model", str(model_dir), "--data", str(data), "-o", str(tmp_path / "e0"), "--quiet"]) == 0
+    # tuning scores the watershed alone (the object scorer, when the model has one, comes on top)
+    assert main(["evaluate", "--model", str(model_dir), "--data", str(data), "-o", str(tmp_path / "e0"), "--quiet",
+                 "--no-object-scorer"]) == 0
     score_before = json.loads((tmp_path / "e0" / "metrics.json").read_text())["summary"]["dsb_score"]
     assert main(["tune", "--model", str(model_dir), "--data", str(data), "--subset", "all", "--quiet"]) == 0
     assert "saved to" in capsys.readouterr().out
@@ -357,7 +359,8 @@ def test_tune_command_saves_thresholds_no_worse_than_before(tmp_path, capsys):
     assert set(before) - {"tuned_on", "tuned_dsb_score"} <= set(after) and "peak_h" in after
     assert after["tuned_dsb_score"] >= score_before - 1e-4
     # the saved thresholds are the ones evaluation (and prediction) now use
-    assert main(["evaluate", "--model", str(model_dir), "--data", str(data), "-o", str(tmp_path / "e1"), "--quiet"]) == 0
+    assert main(["evaluate", "--model", str(model_dir), "--data", str(data), "-o", str(tmp_path / "e1"), "--quiet",
+                 "--no-object-scorer"]) == 0
     score_after = json.loads((tmp_path / "e1" / "metrics.json").read_text())["summary"]["dsb_score"]
     assert score_after == pytest.approx(after["tuned_dsb_score"], abs=1e-4)
 
@@ -375,7 +378,8 @@ def test_tune_tta_keeps_its_own_thresholds_used_with_tta(tmp_path, capsys):
     assert all(after[k] == v for k, v in before.items() if k != "tta")  # the plain thresholds are kept
     assert {"mask", "marker", "peak_h", "tuned_dsb_score"} <= set(after["tta"])
     # evaluation with --tta scores with the TTA thresholds (the score tuning found), without it with the plain ones
-    assert main(["evaluate", "--model", str(model_dir), "--data", str(data), "-o", str(tmp_path / "e"), "--tta", "--quiet"]) == 0
+    assert main(["evaluate", "--model", str(model_dir), "--data", str(data), "-o", str(tmp_path / "e"), "--tta", "--quiet",
+                 "--no-object-scorer"]) == 0
     report = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert report["summary"]["dsb_score"] == pytest.approx(after["tta"]["tuned_dsb_score"], abs=1e-4)
     assert report["thresholds"]["mask"] == after["tta"]["mask"]

@@ -133,6 +133,7 @@ def _add_evaluate(sub) -> None:
                    help="'none' (default): score each image at its own size, as thresholds are tuned; 'auto' or "
                         "a number of pixels: score what `nucleiseg predict --diameter` writes (images zoomed to "
                         "the trained nucleus size)")
+    p.add_argument("--no-object-scorer", action="store_true", help="score the watershed alone, without the model's object scorer")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -147,6 +148,38 @@ def _add_tune(sub) -> None:
     p.add_argument("--tta", action="store_true",
                    help="tune the thresholds used with --tta (on test-time augmented maps), kept beside the plain ones")
     p.add_argument("--quiet", action="store_true")
+
+
+def _add_fit_scorer(sub) -> None:
+    p = sub.add_parser("fit-scorer", help="learn a model's object scorer (second-level post-processing) on annotated images",
+                       description="Segment annotated images with the model's thresholds and with other seed settings, learn "
+                                   "which candidate objects match a true nucleus (IoU > 0.5) from features of the maps, and "
+                                   "save the scorer in the model folder (object_scorer.safetensors), used from then on by "
+                                   "predict and evaluate to choose per region between the settings. Use the images the model "
+                                   "was trained on, and judge it on others. Flow models only.",
+                       epilog="example: nucleiseg fit-scorer --model runs/dsb/model --data ../shared/data/dsb2018-stage1-train --subset train")
+    p.add_argument("--model", required=True, help="model folder (object_scorer.safetensors is written into it)")
+    _add_annotated_data(p, subset="train")
+    p.add_argument("--epochs", type=int, default=10, help="passes over the candidate objects (default 10)")
+    p.add_argument("--quiet", action="store_true")
+
+
+def cmd_fit_scorer(args) -> int:
+    from .evaluate import annotated_items
+    from .model import Model
+    from .objects import SCORER_FILE, fit_scorer
+
+    model = Model.load(args.model)
+    problems: list[str] = []
+    items = annotated_items(model, args.data, args.labels, args.subset, not args.quiet, problems)
+    scorer = fit_scorer(model, items, epochs=args.epochs, progress=not args.quiet)
+    scorer.info["trained_on"] = f"{len(items)} images of {args.data} ({args.subset})"
+    scorer.save(model.path / SCORER_FILE)
+    print(f"object scorer learnt from {scorer.info['objects']} candidate objects ({scorer.info['matched_fraction']:.1%} "
+          f"matched) of {len(items)} images; saved to {model.path / SCORER_FILE}")
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def cmd_tune(args) -> int:
@@ -198,7 +231,10 @@ def cmd_evaluate(args) -> int:
     from .evaluate import evaluate, format_report
     from .model import Model
 
-    report = evaluate(Model.load(args.model), args.data, args.out, labels=args.labels, subset=args.subset,
+    model = Model.load(args.model)
+    if args.no_object_scorer:
+        model.scorer = None
+    report = evaluate(model, args.data, args.out, labels=args.labels, subset=args.subset,
                       tta=args.tta, progress=not args.quiet, diameter=_diameter(args.diameter))
     print(format_report(report))
     print(f"written: {args.out}/metrics.json, per_image.csv, examples.png, best.png, worst.png")
@@ -220,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_evaluate(sub)
     _add_tune(sub)
+    _add_fit_scorer(sub)
     _add_predict(sub)
     _add_export(sub)
     _add_download(sub)
@@ -260,7 +297,10 @@ def _add_predict(sub) -> None:
     g.add_argument("--peak-h", type=float, default=None,
                    help="override the model's seed peak height (0: one seed per region above the marker threshold)")
     g.add_argument("--object-prob", type=float, default=None,
-                   help="override the model's object threshold: nuclei whose mean probability is below it are dropped (0: keep all)")
+                   help="override the model's object threshold: nuclei whose mean probability is below it are dropped (0: keep all; "
+                        "a model with an object scorer drops nuclei by their score instead, unless --no-object-scorer)")
+    g.add_argument("--no-object-scorer", action="store_true",
+                   help="do not use the model's object scorer (the one watershed of the tuned thresholds, then --object-prob)")
     g.add_argument("--flow-convergence", type=float, default=None,
                    help="override the weight of the flows' convergence added to the seed map (flow models; 0: the "
                         "distance map alone, then a lower --peak-h)")
@@ -326,7 +366,8 @@ def _load_model(args):
 def _threshold_overrides(args) -> dict:
     """Thresholds given on the command line; they travel with the per-file options (also to Dask workers)."""
     overrides = {"mask": args.mask_threshold, "marker": args.marker_threshold, "min_size": args.min_size,
-                 "peak_h": args.peak_h, "object_prob": args.object_prob, "flow_convergence": args.flow_convergence}
+                 "peak_h": args.peak_h, "object_prob": args.object_prob, "flow_convergence": args.flow_convergence,
+                 "object_scorer": 0 if args.no_object_scorer else None}
     return {k: v for k, v in overrides.items() if v is not None}
 
 
@@ -416,7 +457,7 @@ def cmd_info(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "tune": cmd_tune, "predict": cmd_predict, "export": cmd_export,
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "tune": cmd_tune, "fit-scorer": cmd_fit_scorer, "predict": cmd_predict, "export": cmd_export,
             "download": cmd_download, "info": cmd_info}
 
 

@@ -3,7 +3,8 @@
 A model folder holds ``config.json`` (architecture, target design, normalisation, tiling, training
 settings, data split, package version), ``weights.safetensors``, ``thresholds.json`` (post-processing
 thresholds tuned on validation data; under its key ``tta``, those tuned on test-time augmented maps, which
-are smoother and want their own) and optionally ``metrics.json`` and a model card ``README.md``.
+are smoother and want their own), optionally ``object_scorer.safetensors`` (the second-level object scorer of
+:mod:`nucleiseg.objects`, used unless the threshold ``object_scorer`` is 0), ``metrics.json`` and a model card ``README.md``.
 Loading validates everything before any weight is copied: a mismatch is a clear error, never a
 half-loaded model.
 """
@@ -23,6 +24,7 @@ from . import __version__
 from .inference import TILE_OVERLAP, TILE_SIZE, MapsNet, OnnxRunner, TorchRunner, predict_maps
 from .io import read_image
 from .network import DEFAULT_DECODER, STRIDE, UNet
+from .objects import SCORER_FILE, ObjectScorer
 from .postprocess import DEFAULT_THRESHOLDS, instances
 from .targets import DESIGNS, N_RAYS, n_channels, ray_channels, vector_channels
 from .transforms import DEFAULT_NORMALIZATION, normalize
@@ -130,6 +132,7 @@ class Model:
         self.config = config
         self.thresholds = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
         self.path = path
+        self.scorer: ObjectScorer | None = None
         self.backend = "torch"
         self._runner = TorchRunner(MapsNet(self.net, self.design))
 
@@ -142,6 +145,13 @@ class Model:
     @property
     def design(self) -> str:
         return self.config["design"]
+
+    def segment(self, maps: np.ndarray, thresholds: dict) -> np.ndarray:
+        """Instance labels from this model's maps: with its object scorer when it has one (and the threshold
+        ``object_scorer`` is not 0), else the watershed of :func:`postprocess.instances` alone."""
+        if self.scorer is not None and thresholds.get("object_scorer", 1):
+            return self.scorer.segment(maps, self.design, thresholds)
+        return instances(maps, self.design, thresholds)
 
     # ---- folder round trip -------------------------------------------------------------------
     @classmethod
@@ -170,6 +180,11 @@ class Model:
         thresholds_file = path / "thresholds.json"
         thresholds = _read_json(thresholds_file) if thresholds_file.exists() else None
         model = cls(net, config, thresholds, path=path)
+        if (path / SCORER_FILE).is_file():
+            try:
+                model.scorer = ObjectScorer.load(path / SCORER_FILE)
+            except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as exc:
+                raise ModelError(f"{path / SCORER_FILE}: unusable object scorer ({exc})") from None
         if backend != "torch":
             model.use_backend(backend)
         return model
@@ -186,6 +201,8 @@ class Model:
             save_file(state, str(tmp), metadata={"format": FORMAT, "dtype": "float16" if half else "float32"})
         _write_json(path / "config.json", self.config)
         _write_json(path / "thresholds.json", self.thresholds)
+        if self.scorer is not None:
+            self.scorer.save(path / SCORER_FILE)
         if metrics is not None:
             _write_json(path / "metrics.json", metrics)
         return path
@@ -327,7 +344,7 @@ class Model:
                            scale=scale, tile_size=tile_size, tta=tta, thresholds=thresholds)
             return labels
         maps = self.predict_maps(image, tta=tta, tile_size=tile_size, scale=scale)
-        return instances(maps, self.design, self.thresholds_for(tta, thresholds))
+        return self.segment(maps, self.thresholds_for(tta, thresholds))
 
     def _predict_zoomed(self, image: np.ndarray, factor: float, thresholds: dict | None = None, zoom_back: bool = True,
                         tta: bool = False, **kwargs) -> np.ndarray:
