@@ -443,4 +443,4 @@ def test_help_and_info(capsys):
         assert "example" in capsys.readouterr().out
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    assert "nucleiseg" in out and "default model" in out and "backends" in out
+    assert "nucleiseg" in out and "default model" in out and "backends" in out and "object scorer: yes" in out

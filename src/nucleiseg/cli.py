@@ -445,6 +445,8 @@ def cmd_info(args) -> int:
         print(f"default model: {DEFAULT_MODEL_DIR} (design {model.design}, trained {card.get('epochs_run', '?')} epochs, "
               f"thresholds {{mask {model.thresholds['mask']}, marker {model.thresholds['marker']}, min_size {model.thresholds['min_size']}}}, "
               f"trained on nuclei of median diameter {model.config.get('nucleus_diameter', '?')} px)")
+        print("object scorer: " + (f"yes ({model.scorer.info.get('trained_on', '?')}; --no-object-scorer to skip)"
+                                   if model.scorer else "none (the tuned watershed alone)"))
     except ValueError as exc:
         print(f"default model: unavailable ({exc})")
     try:
