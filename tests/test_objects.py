@@ -9,7 +9,7 @@ from skimage.measure import regionprops_table
 import nucleiseg
 from nucleiseg.cli import main
 from nucleiseg.model import Model, ModelError
-from nucleiseg.objects import (FEATURES, SCORER_FILE, Candidates, _differing_regions, _eccentricity,
+from nucleiseg.objects import (FEATURES, SCORER_FILE, Candidates, _convex_areas, _differing_regions, _eccentricity,
                                assemble, candidates, choose, fit_scorer, object_features)
 from nucleiseg.postprocess import instances
 from nucleiseg.synthetic import nuclei_image
@@ -44,6 +44,25 @@ def test_eccentricity_matches_scikit_image():
     area = np.bincount(lab[ys, xs])[1:].astype(float)
     expected = regionprops_table(lab, properties=("eccentricity",))["eccentricity"]
     np.testing.assert_allclose(_eccentricity(ys, xs, lab[ys, xs], area), expected, atol=1e-9)
+
+
+def test_convex_areas_match_scikit_image():
+    # touching nuclei cut by the watershed (concave sides), plus a pixel, a line, an L and a two-part object
+    _, lab = nuclei_image((128, 128), n=40, touching=0.6, seed=5)
+    lab = instances(perfect_maps((lab > 0).astype(np.int32), "flow"), "flow", {"peak_h": 0.2, "marker": 0.3})
+    lab = lab.astype(np.int32)
+    extra = np.zeros((20, 128), np.int32)
+    extra[2, 3] = 1
+    extra[5, 10:30] = 2
+    extra[8:18, 40] = 3
+    extra[17, 40:48] = 3
+    extra[4:7, 60:63] = 4
+    extra[12:15, 70:75] = 4
+    lab = np.vstack([lab, np.where(extra > 0, extra + lab.max(), 0)])
+    ys, xs = np.nonzero(lab)
+    expected = regionprops_table(lab, properties=("area_convex",))["area_convex"]
+    assert (expected > np.bincount(lab.ravel())[1:]).sum() > 5  # several objects are not convex
+    np.testing.assert_array_equal(_convex_areas(ys, xs, lab[ys, xs], int(lab.max())), expected)
 
 
 def test_regions_split_differently_are_found():

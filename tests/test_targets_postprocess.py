@@ -4,6 +4,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage as ndi
+from skimage.measure import label
 
 from nucleiseg.metrics import dsb_score
 from nucleiseg.postprocess import (flow_convergence, flow_markers, follow_flows, instances, peak_markers, remove_small,
@@ -79,6 +81,36 @@ def two_peaks(saddle_depth_scale=1.0):
     a = np.exp(-((yy - 20) ** 2 + (xx - 22) ** 2) / (2 * 7.0 ** 2))
     b = 0.8 * np.exp(-((yy - 20) ** 2 + (xx - 38) ** 2) / (2 * 7.0 ** 2))
     return np.maximum(a, b)
+
+
+def _peak_markers_region_by_region(seed_map, region, h, floor):
+    """The definition peak_markers implements, one region at a time: local maxima on the region's box (the rest
+    at 0), h-maxima where there are several; markers numbered by region, then in raster order."""
+    from skimage.morphology import h_maxima
+    regions = label(region, connectivity=1)
+    markers, n = np.zeros(region.shape, np.int32), 0
+    for i, sl in enumerate(ndi.find_objects(regions), start=1):
+        inside = regions[sl] == i
+        crop = np.where(inside, seed_map[sl], 0).astype(np.float32)
+        found, k = ndi.label((crop == ndi.maximum_filter(crop, size=3)) & inside & (crop > floor), structure=np.ones((3, 3)))
+        if k > 1:
+            found, k = ndi.label(h_maxima(crop, h) & inside & (crop > floor), structure=np.ones((3, 3)))
+        markers[sl][found > 0] = found[found > 0] + n
+        n += k
+    return markers
+
+
+@pytest.mark.parametrize("h", [0.2, 0.5])
+def test_peak_markers_match_their_region_by_region_definition(h):
+    # many touching nuclei (regions with several peaks, some diagonal contacts between regions), noisy seeds
+    _, lab = nuclei_image((192, 192), n=60, touching=0.6, seed=3)
+    rng = np.random.default_rng(0)
+    seed_map = ndi.gaussian_filter(normalised_distance(lab) + rng.normal(0, 0.08, lab.shape).astype(np.float32), 1.0)
+    seed_map = np.clip(seed_map, 0, 1).astype(np.float32)
+    region = lab > 0
+    expected = _peak_markers_region_by_region(seed_map, region, h, 0.3)
+    assert expected.max() > label(region).max()  # some regions are split: the test covers the h-maxima path
+    np.testing.assert_array_equal(peak_markers(seed_map, region, h, 0.3), expected)
 
 
 def test_peak_markers_keep_peaks_above_their_saddle_by_h():

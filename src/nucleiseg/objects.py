@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 from skimage.measure import label as connected_components
-from skimage.measure import regionprops_table
 from skimage.segmentation import relabel_sequential
 from safetensors.torch import load_file, save_file
 
-from .postprocess import DEFAULT_THRESHOLDS, WITH_FLOWS, flow_convergence, instances
+from .postprocess import DEFAULT_THRESHOLDS, WITH_FLOWS, first_pixels, flow_convergence, instances
+from .targets import distance_and_flows
 
 FEATURES = ("log_area", "fg_mean", "fg_min", "fg_edge", "distance_mean", "distance_max", "convergence_max",
             "flow_error", "distance_error", "solidity", "eccentricity", "log_relative_area", "contact_fraction",
@@ -57,24 +57,14 @@ def object_features(maps: np.ndarray, labels: np.ndarray, context: tuple[float, 
     median_area, n_objects = context or (float(np.median(area)), n)
     edge, contact = _edges(labels)
     on_edge, fg_obj, dist_obj = edge[ys, xs], fg[ys, xs].astype(np.float64), maps[2][ys, xs].astype(np.float64)
-    flow_err, dist_err = np.zeros(n), np.zeros(n)
-    for k, sl in enumerate(ndi.find_objects(labels)):
-        if sl is None:
-            continue
-        sl = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
-        obj = labels[sl] == k + 1
-        d = ndi.distance_transform_edt(obj)
-        dist_err[k] = np.abs(maps[2][sl][obj] - d[obj] / max(d.max(), 1e-6)).mean()
-        cy, cx = np.unravel_index(np.argmax(d), d.shape)  # the object's own centre, as in the training targets
-        oy, ox = np.nonzero(obj)
-        norm = np.maximum(np.hypot(cy - oy, cx - ox), 1e-6)
-        own = np.stack([(cy - oy) / norm, (cx - ox) / norm])
-        flow_err[k] = ((maps[3:5][(slice(None), *sl)][:, obj] - own) ** 2).sum(axis=0).mean()
-    solidity = regionprops_table(labels, properties=("solidity",))["solidity"]
+    # disagreement with the maps an object would have had as a training target (targets.py): its own distance map and flows
+    own_distance, own_flows = distance_and_flows(labels)
+    flow_err = mean(((maps[3:5, ys, xs] - own_flows[:, ys, xs]) ** 2).sum(axis=0).astype(np.float64))
+    dist_err = mean(np.abs(maps[2, ys, xs] - own_distance[ys, xs]).astype(np.float64))
     columns = [np.log(area), mean(fg_obj), _per_label(np.minimum, lab, fg_obj, n, np.inf), mean(fg_obj, on_edge),
                mean(dist_obj), _per_label(np.maximum, lab, dist_obj, n, -np.inf),
                _per_label(np.maximum, lab, convergence[ys, xs].astype(np.float64), n, -np.inf), flow_err, dist_err,
-               solidity, _eccentricity(ys, xs, lab, area), np.log(area / max(median_area, 1.0)),
+               area / _convex_areas(ys, xs, lab, n), _eccentricity(ys, xs, lab, area), np.log(area / max(median_area, 1.0)),
                np.bincount(labels[contact], minlength=n + 1)[1:] / np.maximum(np.bincount(labels[edge], minlength=n + 1)[1:], 1),
                np.full(n, np.log(max(n_objects, 1)))]
     return np.stack([np.asarray(c, np.float64) for c in columns], axis=1)
@@ -85,6 +75,66 @@ def _per_label(ufunc: np.ufunc, lab: np.ndarray, values: np.ndarray, n: int, sta
     out = np.full(n + 1, start)
     ufunc.at(out, lab, values)
     return out[1:]
+
+
+def _convex_areas(ys: np.ndarray, xs: np.ndarray, lab: np.ndarray, n: int) -> np.ndarray:
+    """Pixel count of each object's convex hull image, as scikit-image's regionprops ``area_convex`` (the pixels
+    whose centres lie in the convex hull of the pixels' edge midpoints), several times faster: the hull's left
+    and right sides are the convex envelopes of the rows' first and last pixels' midpoints, and each row counts
+    the pixel centres between them."""
+    order = np.lexsort((xs, ys, lab))  # by object, row, column
+    key_lab, key_y, sorted_x = lab[order], ys[order], xs[order]
+    starts = np.flatnonzero(np.r_[True, (np.diff(key_lab) != 0) | (np.diff(key_y) != 0)])
+    row_lab, row_y = key_lab[starts], key_y[starts].astype(np.float64)
+    first, last = sorted_x[starts].astype(np.float64), sorted_x[np.r_[starts[1:], order.size] - 1].astype(np.float64)
+    # each pixel (y, x) stands for its edge midpoints (y, x -+ 0.5) and (y -+ 0.5, x)
+    point_lab, u = np.tile(row_lab, 3), np.concatenate([row_y - 0.5, row_y, row_y + 0.5])
+    sides = [_envelopes(point_lab, u, np.concatenate([first, first - 0.5, first]), n, lower=True),
+             _envelopes(point_lab, u, np.concatenate([last, last + 0.5, last]), n, lower=False)]
+    # every row from each object's first to its last (an object in parts may skip rows its hull covers)
+    bounds = np.searchsorted(row_lab, np.arange(1, n + 2))
+    present = bounds[1:] > bounds[:-1]
+    top, bottom = row_y[bounds[:-1][present]], row_y[bounds[1:][present] - 1]
+    counts = (bottom - top + 1).astype(np.int64)
+    query_lab = np.repeat(np.flatnonzero(present) + 1, counts)
+    query_y = np.repeat(top, counts) + np.arange(query_lab.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    x0, x1 = (_interpolate(*side, query_lab, query_y) for side in sides)
+    return np.bincount(query_lab, np.floor(x1 + 1e-9) - np.ceil(x0 - 1e-9) + 1, minlength=n + 1)[1:]
+
+
+def _envelopes(lab: np.ndarray, u: np.ndarray, v: np.ndarray, n: int, lower: bool) -> tuple[np.ndarray, ...]:
+    """Per object, the vertices (u increasing) of the lower (``lower``) or upper convex envelope of its points
+    (u, v): Andrew's monotone chain over the extreme v of each u. Returns (label, u, v) of all vertices."""
+    order = np.lexsort((v if lower else -v, u, lab))
+    lab, u, v = lab[order], u[order], v[order]
+    keep = np.r_[True, (np.diff(lab) != 0) | (np.diff(u) != 0)]  # the extreme v of each u comes first
+    lab, u, v = lab[keep], u[keep].tolist(), v[keep].tolist()
+    bounds = np.searchsorted(lab, np.arange(1, n + 2)).tolist()
+    sign = 1.0 if lower else -1.0
+    out_lab, out_u, out_v = [], [], []
+    for k in range(n):
+        hu, hv = [], []
+        for pu, pv in zip(u[bounds[k]:bounds[k + 1]], v[bounds[k]:bounds[k + 1]]):
+            while len(hu) >= 2 and sign * ((hu[-1] - hu[-2]) * (pv - hv[-2]) - (hv[-1] - hv[-2]) * (pu - hu[-2])) <= 0:
+                hu.pop()
+                hv.pop()
+            hu.append(pu)
+            hv.append(pv)
+        out_lab += [k + 1] * len(hu)
+        out_u += hu
+        out_v += hv
+    return np.array(out_lab, np.int64), np.array(out_u), np.array(out_v)
+
+
+def _interpolate(lab: np.ndarray, u: np.ndarray, v: np.ndarray, query_lab: np.ndarray, query_u: np.ndarray) -> np.ndarray:
+    """Piecewise-linear value at ``query_u`` of each query's object's vertices (lab, u, v), sorted by label and u."""
+    key = lab * 1e7 + u
+    j = np.clip(np.searchsorted(key, query_lab * 1e7 + query_u, side="right"), 1, key.size - 1)
+    i = j - 1
+    same = lab[j] == query_lab
+    span = np.where(same, u[j] - u[i], 1.0)
+    t = np.where(same & (span > 0), (query_u - u[i]) / np.where(span > 0, span, 1.0), 0.0)
+    return v[i] + t * np.where(same, v[j] - v[i], 0.0)
 
 
 def _eccentricity(ys: np.ndarray, xs: np.ndarray, lab: np.ndarray, area: np.ndarray) -> np.ndarray:
@@ -127,15 +177,6 @@ class Candidates:
     features: list[np.ndarray] = field(default_factory=list)
 
 
-def _first_pixels(labels: np.ndarray) -> np.ndarray:
-    """Flat index of each object's first pixel (labels 1..N sequential)."""
-    flat = labels.ravel()
-    where = np.flatnonzero(flat)
-    first = np.zeros(int(labels.max()) + 1, np.int64)
-    first[flat[where[::-1]]] = where[::-1]
-    return first[1:]
-
-
 def _differing_regions(base: np.ndarray, other: np.ndarray, region: np.ndarray) -> np.ndarray:
     """Boolean per region id: True where ``other`` does not label the region's pixels as ``base`` does."""
     inside = (region > 0) | (base > 0) | (other > 0)
@@ -157,17 +198,17 @@ def candidates(maps: np.ndarray, design: str, thresholds: dict, variants=VARIANT
         raise ValueError(f"the object scorer needs a design with flows {WITH_FLOWS}, not {design!r}")
     t = {**DEFAULT_THRESHOLDS, **thresholds, "object_prob": 0.0, "star_nms": 0.0}
     region = connected_components(1.0 - maps[0] > t["mask"], connectivity=1)
-    base = instances(maps, design, t)
-    sets, regions = [base], [region.ravel()[_first_pixels(base)]]
-    for peak_h, convergence in variants:
-        other = instances(maps, design, {**t, "peak_h": peak_h, "flow_convergence": convergence})
+    convergence = flow_convergence(maps[3:5])  # computed once for the tuned setting, the variants and the features
+    base = instances(maps, design, t, convergence)
+    sets, regions = [base], [region.ravel()[first_pixels(base)]]
+    for peak_h, weight in variants:
+        other = instances(maps, design, {**t, "peak_h": peak_h, "flow_convergence": weight}, convergence)
         differ = _differing_regions(base, other, region)
         other = relabel_sequential(np.where(differ[region], other, 0))[0]
         sets.append(other)
-        regions.append(region.ravel()[_first_pixels(other)])
+        regions.append(region.ravel()[first_pixels(other)])
     n = int(base.max())
     context = (float(np.median(np.bincount(base.ravel())[1:])) if n else 1.0, n)
-    convergence = flow_convergence(maps[3:5])
     return Candidates(sets, regions, [object_features(maps, s, context, convergence) for s in sets])
 
 

@@ -64,8 +64,10 @@ def remove_unsure(labels: np.ndarray, probability: np.ndarray, threshold: float)
     return np.where(unsure[labels], 0, labels) if unsure.any() else labels
 
 
-def instances(maps: np.ndarray, design: str, thresholds: dict | None = None) -> np.ndarray:
-    """Instance labels (H, W) int32 from probability maps (C, H, W) of a target design."""
+def instances(maps: np.ndarray, design: str, thresholds: dict | None = None,
+              convergence: np.ndarray | None = None) -> np.ndarray:
+    """Instance labels (H, W) int32 from probability maps (C, H, W) of a target design (``convergence``: the
+    flows' :func:`flow_convergence`, when already computed)."""
     t = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
     fg = 1.0 - maps[0]
     mask = fg > t["mask"]
@@ -85,7 +87,8 @@ def instances(maps: np.ndarray, design: str, thresholds: dict | None = None) -> 
         labels = remove_unsure(_fill_holes_per_object(labels), fg, t["object_prob"])
         return remove_small(labels, int(t["min_size"])).astype(np.int32)
     if design in WITH_FLOWS and t["flow_convergence"] > 0:
-        seed_map = np.clip(seed_map + t["flow_convergence"] * flow_convergence(maps[3:5]), 0.0, 1.0)
+        convergence = flow_convergence(maps[3:5]) if convergence is None else convergence
+        seed_map = np.clip(seed_map + t["flow_convergence"] * convergence, 0.0, 1.0)
     if design in WITH_FLOWS and t["flow_seed"] > 0:
         markers = flow_markers(maps[3:5], mask, int(t["flow_seed"]))
     elif t["peak_h"] > 0:
@@ -198,22 +201,56 @@ def flow_markers(flows: np.ndarray, mask: np.ndarray, min_count: int) -> np.ndar
 def peak_markers(seed_map: np.ndarray, region: np.ndarray, h: float, floor: float = 0.0) -> np.ndarray:
     """One marker per peak of ``seed_map`` above ``floor`` inside ``region`` that rises at least ``h``
     above the saddle joining it to a higher peak (h-maxima), computed per connected region on its
-    bounding box."""
+    bounding box (the rest of the box at 0). Markers are numbered by region, then in raster order."""
     regions = connected_components(region, connectivity=1)
-    markers = np.zeros(region.shape, np.int32)
-    n = 0
-    for i, sl in enumerate(ndi.find_objects(regions), start=1):
-        if sl is None:
-            continue
+    if regions.max() == 0:
+        return np.zeros(region.shape, np.int32)
+    values = np.where(regions > 0, seed_map, 0).astype(np.float32)
+    # local maxima (3x3, the region's own pixels only) of every region at once, and how many each region has
+    peaks = (values >= _region_neighbour_max(values, regions)) & (values > floor)
+    found = connected_components(np.where(peaks, regions, 0), connectivity=2)  # joins equal labels: per region
+    region_of = regions.ravel()[first_pixels(found)]
+    several = np.bincount(region_of, minlength=int(regions.max()) + 1) > 1
+    markers = np.where(several[regions], 0, found)
+    n = int(found.max())
+    boxes = ndi.find_objects(regions)
+    for i in np.flatnonzero(several):  # several local maxima: keep those at least h high
+        sl = boxes[i - 1]
         inside = regions[sl] == i
-        crop = np.where(inside, seed_map[sl], 0).astype(np.float32)
-        peaks = (crop == ndi.maximum_filter(crop, size=3)) & inside & (crop > floor)
-        found, k = ndi.label(peaks, structure=np.ones((3, 3)))
-        if k > 1:  # several local maxima: keep those at least h high (one would seed the region anyway)
-            found, k = ndi.label(h_maxima(crop, h) & inside & (crop > floor), structure=np.ones((3, 3)))
-        markers[sl][found > 0] = found[found > 0] + n
+        crop = np.where(inside, values[sl], 0)
+        kept, k = ndi.label(h_maxima(crop, h) & inside & (crop > floor), structure=np.ones((3, 3)))
+        markers[sl][kept > 0] = kept[kept > 0] + n
         n += k
-    return markers
+    # number by region, then by first pixel (raster order), as a loop over regions would
+    first = first_pixels(markers)
+    order = np.lexsort((first, regions.ravel()[first]))
+    lut = np.zeros(n + 1, np.int32)
+    present = np.flatnonzero(np.bincount(markers.ravel(), minlength=n + 1)[1:]) + 1
+    lut[present[order]] = np.arange(1, present.size + 1)
+    return lut[markers]
+
+
+def _region_neighbour_max(values: np.ndarray, regions: np.ndarray) -> np.ndarray:
+    """Per pixel, the maximum of ``values`` over its 3x3 neighbourhood, counting neighbours of another region as 0."""
+    h, w = values.shape
+    v, r = np.pad(values, 1), np.pad(regions, 1)
+    out = values.copy()
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            if dy == dx == 1:
+                continue
+            same = r[dy:dy + h, dx:dx + w] == regions
+            np.maximum(out, np.where(same, v[dy:dy + h, dx:dx + w], 0), out=out)
+    return out
+
+
+def first_pixels(labels: np.ndarray) -> np.ndarray:
+    """Flat index of the first pixel (raster order) of each label present in ``labels``, by label."""
+    flat = labels.ravel()
+    where = np.flatnonzero(flat)
+    first = np.full(int(flat.max(initial=0)) + 1, -1, np.int64)
+    first[flat[where[::-1]]] = where[::-1]
+    return first[1:][first[1:] >= 0]
 
 
 def _fill_holes_per_object(labels: np.ndarray) -> np.ndarray:

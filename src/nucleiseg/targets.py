@@ -79,15 +79,24 @@ def normalised_distance(labels: np.ndarray) -> np.ndarray:
 def centre_flows(labels: np.ndarray) -> np.ndarray:
     """(2, H, W) unit vectors (y, x) from each nucleus pixel to its nucleus's centre, the pixel farthest
     from its border (always inside the nucleus, unlike the centroid); 0 at centres and on background."""
+    return distance_and_flows(labels)[1]
+
+
+def distance_and_flows(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`normalised_distance` and :func:`centre_flows` of ``labels`` from one distance transform per nucleus."""
+    dist = np.zeros(labels.shape, np.float32)
     flows = np.zeros((2, *labels.shape), np.float32)
     for sl, obj, d in _objects(labels):
+        peak = d.max()
+        if peak > 0:
+            dist[sl][obj] = d[obj] / peak
         cy, cx = np.unravel_index(np.argmax(d), d.shape)
         ys, xs = np.nonzero(obj)
         vy, vx = cy - ys, cx - xs
         norm = np.maximum(np.hypot(vy, vx), 1e-6)
         flows[0][sl][ys, xs] = vy / norm
         flows[1][sl][ys, xs] = vx / norm
-    return flows
+    return dist, flows
 
 
 def ray_distances(labels: np.ndarray, n_rays: int = N_RAYS, max_steps: int = MAX_RAY) -> np.ndarray:
@@ -149,9 +158,10 @@ def encode(labels: np.ndarray, design: str) -> np.ndarray:
         return (labels > 0).astype(np.float32)[None]
     if design == "contour":
         return contour_classes(labels).astype(np.float32)[None]
-    maps = [(labels > 0).astype(np.float32), normalised_distance(labels), contact_map(labels), small_nucleus_map(labels)]
+    distance, flows = distance_and_flows(labels) if design in WITH_FLOWS else (normalised_distance(labels), None)
+    maps = [(labels > 0).astype(np.float32), distance, contact_map(labels), small_nucleus_map(labels)]
     if design in WITH_FLOWS:
-        maps += list(centre_flows(labels))
+        maps += list(flows)
     if design == "star":
         maps += list(ray_distances(labels) / RAY_SCALE)
     return np.stack(maps)
