@@ -103,6 +103,14 @@ def fitted(tmp_path_factory):
     return folder, items, scorer
 
 
+def test_fit_scorer_with_worker_processes_learns_the_same_scorer(fitted):
+    folder, items, scorer = fitted
+    parallel = fit_scorer(Model.load(folder), items, epochs=3, progress=False, workers=2)
+    np.testing.assert_array_equal(parallel.mean, scorer.mean)  # the same candidates, in the same order
+    x = np.random.default_rng(0).normal(size=(50, len(FEATURES))) * scorer.std + scorer.mean
+    np.testing.assert_allclose(parallel.probabilities(x), scorer.probabilities(x), atol=1e-6)
+
+
 def test_fitted_scorer_round_trips_through_the_model_folder(fitted):
     folder, items, scorer = fitted
     assert scorer.info["objects"] > 40 and 0 < scorer.info["matched_fraction"] <= 1

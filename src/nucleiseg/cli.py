@@ -161,6 +161,8 @@ def _add_fit_scorer(sub) -> None:
     p.add_argument("--model", required=True, help="model folder (object_scorer.safetensors is written into it)")
     _add_annotated_data(p, subset="train")
     p.add_argument("--epochs", type=int, default=10, help="passes over the candidate objects (default 10)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes that segment images into candidates while the network computes the next maps (default 1)")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -172,7 +174,7 @@ def cmd_fit_scorer(args) -> int:
     model = Model.load(args.model)
     problems: list[str] = []
     items = annotated_items(model, args.data, args.labels, args.subset, not args.quiet, problems)
-    scorer = fit_scorer(model, items, epochs=args.epochs, progress=not args.quiet)
+    scorer = fit_scorer(model, items, epochs=args.epochs, progress=not args.quiet, workers=args.workers)
     scorer.info["trained_on"] = f"{len(items)} images of {args.data} ({args.subset})"
     scorer.save(model.path / SCORER_FILE)
     print(f"object scorer learnt from {scorer.info['objects']} candidate objects ({scorer.info['matched_fraction']:.1%} "

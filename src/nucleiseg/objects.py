@@ -14,7 +14,10 @@ region of the mask is segmented with the tuned thresholds and with other seed se
 from __future__ import annotations
 
 import json
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -301,21 +304,52 @@ def _mlp(n_in: int, hidden: int = 64) -> torch.nn.Sequential:
                                torch.nn.ReLU(), torch.nn.Linear(hidden, 1))
 
 
-def fit_scorer(model, items: list, epochs: int = 10, seed: int = 0, progress: bool = True) -> ObjectScorer:
-    """Train an :class:`ObjectScorer` for ``model`` on annotated (name, normalised image, labels) items: the
-    candidates of every variant on the model's plain maps, labelled by whether they match a true nucleus."""
+def labelled_candidates(maps: np.ndarray, design: str, thresholds: dict, true: np.ndarray) -> tuple[list, list]:
+    """Features of one image's candidate objects, per set, and whether each matches a true nucleus (IoU > 0.5)."""
     from .metrics import iou_matrix
 
+    c = candidates(maps, design, thresholds)
     features, matched = [], []
-    for i, (name, image, true) in enumerate(items):
-        c = candidates(model.maps_from_normalized(image), model.design, model.thresholds_for(False))
-        for labels, f in zip(c.sets, c.features):
-            if len(f):
-                iou = iou_matrix(true, labels)
-                features.append(f)
-                matched.append(iou.max(axis=0) > 0.5 if iou.shape[0] else np.zeros(len(f), bool))
+    for labels, f in zip(c.sets, c.features):
+        if len(f):
+            iou = iou_matrix(true, labels)
+            features.append(f)
+            matched.append(iou.max(axis=0) > 0.5 if iou.shape[0] else np.zeros(len(f), bool))
+    return features, matched
+
+
+def fit_scorer(model, items: list, epochs: int = 10, seed: int = 0, progress: bool = True, workers: int = 1) -> ObjectScorer:
+    """Train an :class:`ObjectScorer` for ``model`` on annotated (name, normalised image, labels) items: the
+    candidates of every variant on the model's plain maps, labelled by whether they match a true nucleus.
+    ``workers`` > 1: the candidates of several images at once in as many processes, while the network goes on."""
+    features, matched = [], []
+    thresholds = model.thresholds_for(False)
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn")) if workers > 1 else None
+    pending: deque = deque()
+    done = 0
+
+    def collect(result: tuple[list, list]) -> None:
+        nonlocal done
+        features.extend(result[0])
+        matched.extend(result[1])
+        done += 1
         if progress:
-            print(f"\robject scorer: candidates of image {i + 1}/{len(items)}", end="", flush=True)
+            print(f"\robject scorer: candidates of image {done}/{len(items)}", end="", flush=True)
+
+    try:
+        for _, image, true in items:
+            job = (model.maps_from_normalized(image), model.design, thresholds, true)
+            if pool is None:
+                collect(labelled_candidates(*job))
+                continue
+            pending.append(pool.submit(labelled_candidates, *job))
+            while len(pending) > 2 * workers:  # a few images ahead, not all of their maps in memory
+                collect(pending.popleft().result())
+        while pending:
+            collect(pending.popleft().result())
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     if progress:
         print()
     if not features:
