@@ -8,7 +8,7 @@ from scipy import ndimage as ndi
 from skimage.measure import label
 
 from nucleiseg.metrics import dsb_score
-from nucleiseg.postprocess import (flow_convergence, flow_markers, follow_flows, instances, peak_markers, remove_small,
+from nucleiseg.postprocess import (flood, flow_convergence, flow_markers, follow_flows, instances, peak_markers, remove_small,
                                    remove_unsure, star_polygons)
 from nucleiseg.synthetic import nuclei_image
 from nucleiseg.targets import (N_RAYS, RAY_SCALE, centre_flows, contact_map, contour_classes, encode, flip_rays, loss,
@@ -111,6 +111,22 @@ def test_peak_markers_match_their_region_by_region_definition(h):
     expected = _peak_markers_region_by_region(seed_map, region, h, 0.3)
     assert expected.max() > label(region).max()  # some regions are split: the test covers the h-maxima path
     np.testing.assert_array_equal(peak_markers(seed_map, region, h, 0.3), expected)
+
+
+def test_flood_is_the_watershed_of_the_parts_with_several_markers():
+    from skimage.segmentation import watershed
+    _, lab = nuclei_image((160, 160), n=45, touching=0.6, seed=4)
+    mask = lab > 0
+    surface = ndi.gaussian_filter(normalised_distance(lab), 1.0)
+    markers = label(surface > 0.6)  # several markers in some parts, one in others
+    parts = label(mask)
+    markers[parts == 3] = 0  # none in one part
+    shared = markers.max() + 1  # one marker label in two parts, as flow markers can be
+    for k in (1, 2):
+        markers[tuple(np.argwhere(parts == k)[0])] = shared
+    counts = [len(np.unique(markers[(parts == k) & (markers > 0)])) for k in range(1, parts.max() + 1)]
+    assert {0, 1} < set(counts) and max(counts) > 1
+    np.testing.assert_array_equal(flood(surface, markers, mask), watershed(-surface, markers, mask=mask))
 
 
 def test_peak_markers_keep_peaks_above_their_saddle_by_h():

@@ -100,13 +100,32 @@ def instances(maps: np.ndarray, design: str, thresholds: dict | None = None,
         markers = remove_small(markers, max(1, int(t["min_size"]) // 4))
     # contact design: flood a surface that dips where nuclei meet, so the split follows the contact
     surface = seed_map * (1.0 - maps[3]) if design == "contact" else seed_map
-    labels = watershed(-surface, markers, mask=mask).astype(np.int32)
+    labels = flood(surface, markers, mask)
     # nuclei with no seed of their own (faint or tiny ones) are kept as their connected component
     orphans = connected_components(mask & (labels == 0), connectivity=1)
     if orphans.max() > 0:
         labels[orphans > 0] = orphans[orphans > 0] + labels.max()
     labels = remove_unsure(_fill_holes_per_object(labels), fg, t["object_prob"])
     return remove_small(labels, int(t["min_size"])).astype(np.int32)
+
+
+def flood(surface: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Labels (H, W) int32 of ``watershed(-surface, markers, mask=mask)``, flooding only the connected parts of
+    ``mask`` that hold several markers: a part with a single marker is all that marker's, one without stays 0."""
+    parts = connected_components(mask, connectivity=1)
+    on = markers > 0
+    base = int(markers.max()) + 1
+    pairs = np.unique(parts[on].astype(np.int64) * base + markers[on])  # each (part, marker) present once
+    part_of, marker_of = pairs // base, pairs % base
+    count = np.bincount(part_of, minlength=int(parts.max()) + 1)
+    single = np.zeros(count.size, np.int32)
+    single[part_of[count[part_of] == 1]] = marker_of[count[part_of] == 1]
+    labels = single[parts]  # 0 on background and in parts without a marker
+    several = (count > 1)[parts]
+    if several.any():
+        flooded = watershed(-surface, np.where(several, markers, 0), mask=several)
+        labels[several] = flooded[several]
+    return labels
 
 
 def star_polygons(rays: np.ndarray, score: np.ndarray, candidates: np.ndarray, nms: float) -> np.ndarray:
