@@ -157,8 +157,12 @@ def test_fit_scorer_command_and_a_damaged_scorer_file(tmp_path, capsys):
                  "--no-object-scorer"]) == 0
     assert json.loads((tmp_path / "e0" / "metrics.json").read_text())["object_scorer"] is None
     (folder / SCORER_FILE).write_bytes(b"not a safetensors file")
-    with pytest.raises(ModelError, match="object scorer"):
+    with pytest.raises(ModelError, match="object scorer.*fit-scorer"):
         Model.load(folder)
+    assert Model.load(folder, object_scorer=False).scorer is None
+    # fit-scorer replaces a scorer it cannot use (damaged, or of another feature set)
+    assert main(["fit-scorer", "--model", str(folder), "--data", str(data), "--subset", "all", "--epochs", "1", "--quiet"]) == 0
+    assert Model.load(folder).scorer is not None
 
 
 def test_scorer_needs_flows():

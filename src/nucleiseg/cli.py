@@ -171,7 +171,7 @@ def cmd_fit_scorer(args) -> int:
     from .model import Model
     from .objects import SCORER_FILE, fit_scorer
 
-    model = Model.load(args.model)
+    model = Model.load(args.model, object_scorer=False)  # a scorer already there is replaced, even one this version cannot use
     problems: list[str] = []
     items = annotated_items(model, args.data, args.labels, args.subset, not args.quiet, problems)
     scorer = fit_scorer(model, items, epochs=args.epochs, progress=not args.quiet, workers=args.workers)

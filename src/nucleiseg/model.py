@@ -155,8 +155,9 @@ class Model:
 
     # ---- folder round trip -------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None, backend: str = "torch") -> "Model":
-        """Load a model folder (None or 'default': the bundled model); ``backend`` 'torch' or 'onnx'."""
+    def load(cls, path: str | os.PathLike | None = None, backend: str = "torch", object_scorer: bool = True) -> "Model":
+        """Load a model folder (None or 'default': the bundled model); ``backend`` 'torch' or 'onnx';
+        ``object_scorer`` False leaves out its object scorer (e.g. to learn a new one in its place)."""
         path = model_folder(path)
         if not path.is_dir():
             raise ModelError(f"{path}: model folder not found")
@@ -180,11 +181,12 @@ class Model:
         thresholds_file = path / "thresholds.json"
         thresholds = _read_json(thresholds_file) if thresholds_file.exists() else None
         model = cls(net, config, thresholds, path=path)
-        if (path / SCORER_FILE).is_file():
+        if object_scorer and (path / SCORER_FILE).is_file():
             try:
                 model.scorer = ObjectScorer.load(path / SCORER_FILE)
             except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as exc:
-                raise ModelError(f"{path / SCORER_FILE}: unusable object scorer ({exc})") from None
+                raise ModelError(f"{path / SCORER_FILE}: unusable object scorer ({exc}); learn a new one with "
+                                 f"nucleiseg fit-scorer, or remove the file to use the watershed alone") from None
         if backend != "torch":
             model.use_backend(backend)
         return model
