@@ -321,7 +321,8 @@ def labelled_candidates(maps: np.ndarray, design: str, thresholds: dict, true: n
 def fit_scorer(model, items: list, epochs: int = 10, seed: int = 0, progress: bool = True, workers: int = 1) -> ObjectScorer:
     """Train an :class:`ObjectScorer` for ``model`` on annotated (name, normalised image, labels) items: the
     candidates of every variant on the model's plain maps, labelled by whether they match a true nucleus.
-    ``workers`` > 1: the candidates of several images at once in as many processes, while the network goes on."""
+    ``workers`` > 1: the candidates of several images at once in as many processes, while the network goes on
+    (spawned processes: a script calling this needs the usual ``if __name__ == "__main__":`` guard)."""
     features, matched = [], []
     thresholds = model.thresholds_for(False)
     pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn")) if workers > 1 else None
