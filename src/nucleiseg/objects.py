@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import ndimage as ndi
 from skimage.measure import label as connected_components
 from skimage.segmentation import relabel_sequential
 from safetensors.torch import load_file, save_file
