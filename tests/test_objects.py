@@ -160,6 +160,9 @@ def test_fit_scorer_command_and_a_damaged_scorer_file(tmp_path, capsys):
     with pytest.raises(ModelError, match="object scorer.*fit-scorer"):
         Model.load(folder)
     assert Model.load(folder, object_scorer=False).scorer is None
+    # evaluating the watershed alone does not need the scorer file at all
+    assert main(["evaluate", "--model", str(folder), "--data", str(data), "-o", str(tmp_path / "e1"), "--quiet",
+                 "--no-object-scorer"]) == 0
     # fit-scorer replaces a scorer it cannot use (damaged, or of another feature set)
     assert main(["fit-scorer", "--model", str(folder), "--data", str(data), "--subset", "all", "--epochs", "1", "--quiet"]) == 0
     assert Model.load(folder).scorer is not None

@@ -233,9 +233,7 @@ def cmd_evaluate(args) -> int:
     from .evaluate import evaluate, format_report
     from .model import Model
 
-    model = Model.load(args.model)
-    if args.no_object_scorer:
-        model.scorer = None
+    model = Model.load(args.model, object_scorer=not args.no_object_scorer)
     report = evaluate(model, args.data, args.out, labels=args.labels, subset=args.subset,
                       tta=args.tta, progress=not args.quiet, diameter=_diameter(args.diameter))
     print(format_report(report))
