@@ -349,6 +349,23 @@ def test_learning_rate_schedule(schedule):
         assert lrs[:4] == [1e-3] * 4 and 5e-4 in lrs and all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
+def test_encoder_learns_at_its_own_scaled_rate():
+    from nucleiseg.model import make_config
+    from nucleiseg.training import SegmentationModule
+
+    cfg = {"data": "", "epochs": 10, "lr": 1e-3, "schedule": "cosine", "encoder_weights": "none", "encoder_lr_scale": 0.1}
+    module = SegmentationModule(make_config("flow"), cfg)
+    opt, sched = (lambda s: (s["optimizer"], s["lr_scheduler"]["scheduler"]))(module.configure_optimizers())
+    decoder_group, encoder_group = opt.param_groups
+    assert {id(p) for p in encoder_group["params"]} == {id(p) for p in module.net.encoder.parameters()}
+    assert len(decoder_group["params"]) + len(encoder_group["params"]) == len(list(module.net.parameters()))
+    assert (decoder_group["lr"], encoder_group["lr"]) == (pytest.approx(1e-3), pytest.approx(1e-4))
+    for _ in range(10):
+        opt.step()
+        sched.step()
+    assert (decoder_group["lr"], encoder_group["lr"]) == (pytest.approx(1e-5), pytest.approx(1e-6))  # each to 1/100 of its own
+
+
 def test_unknown_learning_rate_schedule_is_refused():
     with pytest.raises(ValueError, match="schedule"):  # at once, before any image is read
         TrainConfig(data="", schedule="step")

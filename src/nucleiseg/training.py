@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -52,6 +53,7 @@ class TrainConfig:
     augment: str = "basic"  # 'strong': also wider scale, any rotation, blur, noise, channel gains (data.augmentation)
     scale_range: list | None = None  # [low, high]: random scale range of the augmentation (None: the strength's)
     lr: float = 1e-3
+    encoder_lr_scale: float = 1.0  # the pretrained encoder learns at lr x this (transfer learning: < 1 keeps more of ImageNet)
     schedule: str = "plateau"  # 'plateau': halve lr when validation loss stalls; 'cosine': anneal to lr/100; 'constant'
     average_last: int = 0  # > 0: the model saved is the mean of the weights after each of the last N epochs (SWA)
     weight_decay: float = 0.0
@@ -356,10 +358,16 @@ class SegmentationModule(L.LightningModule):
         self.log("val_dsb", torch.tensor(score, dtype=torch.float32), on_epoch=True, prog_bar=True, batch_size=1, sync_dist=True)
 
     def configure_optimizers(self):
-        params = [p for p in self.net.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        encoder = [p for p in self.net.encoder.parameters() if p.requires_grad]
+        others = [p for n, p in self.net.named_parameters() if p.requires_grad and not n.startswith("encoder.")]
+        groups = [{"params": others, "lr": self.cfg.lr}]
+        if encoder:
+            groups.append({"params": encoder, "lr": self.cfg.lr * self.cfg.encoder_lr_scale})
+        opt = torch.optim.Adam(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         if self.cfg.schedule == "cosine":  # settles the weights at the end instead of leaving them noisy
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.cfg.epochs, eta_min=self.cfg.lr / 100)
+            # each parameter group from its own rate to 1/100 of it
+            anneal = lambda epoch: 0.01 + 0.99 * (1 + math.cos(math.pi * min(epoch, self.cfg.epochs) / self.cfg.epochs)) / 2  # noqa: E731
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, anneal)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
         if self.cfg.schedule == "constant":  # for weight averaging: the averaged weights explore, the mean settles
             return opt
