@@ -360,14 +360,17 @@ class SegmentationModule(L.LightningModule):
     def configure_optimizers(self):
         encoder = [p for p in self.net.encoder.parameters() if p.requires_grad]
         others = [p for n, p in self.net.named_parameters() if p.requires_grad and not n.startswith("encoder.")]
-        groups = [{"params": others, "lr": self.cfg.lr}]
-        if encoder:
-            groups.append({"params": encoder, "lr": self.cfg.lr * self.cfg.encoder_lr_scale})
+        # one group unless the encoder's rate differs (so checkpoints of earlier runs resume as they were saved)
+        groups = [{"params": others + encoder, "lr": self.cfg.lr}]
+        if encoder and self.cfg.encoder_lr_scale != 1.0:
+            groups = [{"params": others, "lr": self.cfg.lr}, {"params": encoder, "lr": self.cfg.lr * self.cfg.encoder_lr_scale}]
         opt = torch.optim.Adam(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         if self.cfg.schedule == "cosine":  # settles the weights at the end instead of leaving them noisy
-            # each parameter group from its own rate to 1/100 of it
-            anneal = lambda epoch: 0.01 + 0.99 * (1 + math.cos(math.pi * min(epoch, self.cfg.epochs) / self.cfg.epochs)) / 2  # noqa: E731
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, anneal)
+            if len(groups) == 1:  # as runs before --encoder-lr-scale were trained (and their checkpoints resume)
+                sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.cfg.epochs, eta_min=self.cfg.lr / 100)
+            else:  # each parameter group from its own rate to 1/100 of it
+                anneal = lambda epoch: 0.01 + 0.99 * (1 + math.cos(math.pi * min(epoch, self.cfg.epochs) / self.cfg.epochs)) / 2  # noqa: E731
+                sched = torch.optim.lr_scheduler.LambdaLR(opt, anneal)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
         if self.cfg.schedule == "constant":  # for weight averaging: the averaged weights explore, the mean settles
             return opt
