@@ -218,3 +218,51 @@ def test_image_type_sees_grey_gamma_channels_as_grey():
     counts = crops_per_item(items, 2, type_balance=0.5)
     assert counts.min() < counts.max()
     assert np.array_equal(crops_per_item(gamma_items, 2, type_balance=0.5, normalization=settings), counts)
+
+
+def test_invert_auto_turns_bright_backgrounds_dark(tmp_path):
+    """``"invert": "auto"`` inverts brightfield and stained images (bright background) and leaves fluorescence
+    as it is; a block normalised with the whole image's scale is inverted as the whole image is."""
+    from nucleiseg.transforms import intensity_scale, is_inverted
+
+    settings = {"invert": "auto"}
+    fluo, lab = nuclei_image((96, 96), n=6, seed=1, dtype=np.uint16)
+    bright = (fluo.max() - fluo).astype(np.uint16)  # dark nuclei on a bright background
+    colour = np.stack([bright, bright // 2, (bright * 0.8).astype(np.uint16)], axis=2)
+    assert np.array_equal(normalize(fluo, settings), normalize(fluo))
+    assert not is_inverted(intensity_scale(fluo, settings))
+    for image in (bright, colour):
+        assert is_inverted(intensity_scale(image, settings)) and not is_inverted(intensity_scale(image))
+        x = normalize(image, settings)
+        assert np.allclose(x, 1 - normalize(image), atol=1e-5)
+        assert x[lab > 0].mean() > x[lab == 0].mean() + 0.3  # nuclei now bright on dark
+    whole = normalize(bright, settings)
+    block = normalize(bright[20:60, 30:90], settings, scale=intensity_scale(bright, settings))
+    assert np.allclose(block, whole[20:60, 30:90], atol=1e-6)
+    with pytest.raises(ValueError, match="invert"):
+        intensity_scale(fluo, {"invert": "always"})
+
+
+def test_image_types_are_judged_before_inversion(tmp_path):
+    """An inverted brightfield image looks like fluorescence (grey on dark): ``load_items`` reports its type
+    as judged before the inversion, and type-balanced crops use those types."""
+    from nucleiseg.data import load_items
+    from nucleiseg.evaluate import image_type
+    from nucleiseg.training import crops_per_item
+
+    settings = {"invert": "auto"}
+    root = tmp_path / "ds"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for i in range(4):
+        fluo, lab = nuclei_image((64, 64), n=5, seed=i, dtype=np.uint16)
+        image = (fluo.max() - fluo).astype(np.uint16) if i == 0 else fluo  # one brightfield, three fluorescence
+        tifffile.imwrite(root / "images" / f"im{i}.tif", image)
+        Image.fromarray(lab.astype(np.uint16)).save(root / "labels" / f"im{i}.png")
+    _, samples = find_samples(root)
+    types: dict[str, str] = {}
+    items = load_items(samples, settings, progress=False, types=types)
+    assert types == {"im0": "brightfield", "im1": "fluorescence", "im2": "fluorescence", "im3": "fluorescence"}
+    assert image_type(items[0][1], settings) == "fluorescence"  # what the inverted pixels alone would say
+    counts = crops_per_item(items, 2, type_balance=0.5, normalization=settings, types=types)
+    assert counts[0] > counts[1] == counts[2] == counts[3]

@@ -430,6 +430,27 @@ def test_grey_gammas_are_stored_inherited_and_used_at_prediction(trained, tmp_pa
     assert np.abs(maps - gamma.maps_from_normalized(normalize(image))).max() > 1e-5  # (after 1 epoch: small)
 
 
+def test_invert_is_stored_inherited_and_used_at_prediction(trained, tmp_path):
+    """``--invert auto`` is recorded in the model's normalisation, kept by a fine-tuning run, and prediction
+    gives the network a bright-background image inverted (and a fluorescence image as it is)."""
+    model_dir, run = trained
+    data = json.loads((run / "train_config.json").read_text())["data"]
+    assert main(["train", "--data", data, "--out", str(tmp_path / "i"), "--design", "contour", "--epochs", "1",
+                 "--batch-size", "4", "--crop", "96", "--max-images", "6", "--encoder-weights", "none",
+                 "--invert", "auto", "--quiet"]) == 0
+    inv = Model.load(tmp_path / "i" / "model")
+    assert inv.config["normalization"]["invert"] == "auto"
+    cfg = TrainConfig(data=data, out=str(tmp_path / "ft"), epochs=1, batch_size=4, crop=96, max_images=6,
+                      encoder_weights="none", init_model=str(tmp_path / "i" / "model"), progress=False, previews=0)
+    assert Model.load(train(cfg)).config["normalization"] == inv.config["normalization"]
+    fluo, _ = nuclei_image((128, 128), n=12, seed=5)
+    bright = (fluo.max() - fluo).astype(fluo.dtype)
+    maps = inv.predict_maps(bright)
+    assert np.allclose(maps, inv.maps_from_normalized(1 - normalize(bright)), atol=1e-5)
+    assert np.abs(maps - inv.maps_from_normalized(normalize(bright))).max() > 1e-5
+    assert np.array_equal(inv.predict_maps(fluo), inv.maps_from_normalized(normalize(fluo)))
+
+
 def test_precision_auto_uses_bf16_only_on_hardware_with_bf16_units(monkeypatch, caplog):
     """bf16 autocast is 2.3x faster than fp32 on a CPU with AMX but ~10x slower on one without bf16 units
     (measured: AMD EPYC with AVX2 only), so 'auto' picks by the hardware and an explicit bf16 there warns."""

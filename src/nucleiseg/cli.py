@@ -60,6 +60,9 @@ def _add_train(sub) -> None:
     g.add_argument("--grey-gammas", type=float, nargs=3, default=None, metavar=("G1", "G2", "G3"),
                    help="give grey images to the network as three channels x^G1, x^G2, x^G3 (e.g. 1 0.5 0.25: dim "
                         "nuclei also seen brightened) instead of grey repeated; stored in the model, used at prediction")
+    g.add_argument("--invert", choices=["auto"], default=None,
+                   help="auto: images with a bright background (brightfield, stained tissue) are inverted to bright "
+                        "nuclei on dark, as fluorescence; stored in the model, used at prediction")
     g.add_argument("--crops-per-image", type=int, default=1, help="random crops per training image per epoch")
     g.add_argument("--type-balance", type=float, default=0.0,
                    help="> 0: crops per image proportional to (frequency of its type: fluorescence, brightfield, "
@@ -222,7 +225,7 @@ def cmd_train(args) -> int:
                           distance_weight=args.distance_weight, flow_weight=args.flow_weight, ray_weight=args.ray_weight,
                           contact_pos_weight=args.contact_pos_weight, full_res_channels=args.full_res_channels,
                           decoder_channels=args.decoder_channels, init_model=args.init_model, crops_per_image=args.crops_per_image,
-                          type_balance=args.type_balance, grey_gammas=args.grey_gammas,
+                          type_balance=args.type_balance, grey_gammas=args.grey_gammas, invert=args.invert,
                           num_workers=args.workers, max_images=args.max_images, thresholds_from=args.thresholds_from,
                           accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,
                           strategy=args.strategy, progress=not args.quiet)

@@ -20,7 +20,7 @@ import torch
 from .datasets import FIXED_LABELS
 from .io import ImageError, is_image_file, read_image, read_labels
 from .targets import encode
-from .transforms import normalize
+from .transforms import intensity_scale, is_inverted, normalize
 
 log = logging.getLogger(__name__)
 LABEL_DIR_PREFERENCE = (FIXED_LABELS, "labels")  # the DSB2018 community fixes first
@@ -116,12 +116,20 @@ def read_sample_labels(sample: Sample) -> np.ndarray:
 
 def load_sample(sample: Sample, normalization: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Normalised image (H, W, 3) float32 and instance labels (H, W) int32, checked for equal size."""
-    image = normalize(read_image(sample.image), normalization)
+    image, labels, _ = _load_sample(sample, normalization)
+    return image, labels
+
+
+def _load_sample(sample: Sample, normalization: dict | None) -> tuple[np.ndarray, np.ndarray, bool]:
+    """:func:`load_sample` and whether normalisation inverted the image."""
+    raw = read_image(sample.image)
+    image = normalize(raw, normalization)
+    inverted = bool((normalization or {}).get("invert")) and is_inverted(intensity_scale(raw, normalization))
     labels = read_sample_labels(sample)
     if labels.shape != image.shape[:2]:
         where = sample.labels or sample.masks[0]
         raise ImageError(where, f"label size {labels.shape} differs from image size {image.shape[:2]} ({sample.image.name})")
-    return image, labels
+    return image, labels, inverted
 
 
 def median_diameter(label_images: list[np.ndarray]) -> float:
@@ -210,18 +218,25 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
 
 def load_items(samples: list[Sample], normalization: dict | None = None, progress: bool = True,
-               problems: list[str] | None = None) -> list[tuple[str, np.ndarray, np.ndarray]]:
+               problems: list[str] | None = None,
+               types: dict[str, str] | None = None) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """Decode and normalise samples once: [(name, image, labels)].
 
     With a ``problems`` list, unreadable samples are skipped and described there (one line each);
-    without it the first problem raises.
+    without it the first problem raises. A ``types`` dict receives each image's type
+    (``evaluate.image_type``), judged before normalisation could invert it.
     """
     from tqdm.auto import tqdm
+
+    from .evaluate import image_type
 
     items = []
     for s in tqdm(samples, desc="loading", disable=not progress):
         try:
-            items.append((s.name, *load_sample(s, normalization)))
+            image, labels, inverted = _load_sample(s, normalization)
+            items.append((s.name, image, labels))
+            if types is not None:
+                types[s.name] = image_type(image, normalization, inverted)
         except ImageError as exc:
             if problems is None:
                 raise

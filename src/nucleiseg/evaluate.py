@@ -22,10 +22,11 @@ from .transforms import gamma_grey
 IMAGE_TYPES = ("fluorescence", "brightfield", "histology")
 
 
-def image_type(image: np.ndarray, normalization: dict | None = None) -> str:
+def image_type(image: np.ndarray, normalization: dict | None = None, inverted: bool = False) -> str:
     """Group a normalised image by colour statistics: grey on dark = fluorescence, grey on bright =
     brightfield, coloured = histology (stained tissue). ``normalization``: the settings it was normalised
-    with, so that a grey image given as ``grey_gammas`` channels still counts as grey."""
+    with, so that a grey image given as ``grey_gammas`` channels still counts as grey; ``inverted``: whether
+    normalisation inverted it (``"invert": "auto"``), which turns grey on bright into grey on dark."""
     grey = gamma_grey(image, normalization)
     img = np.asarray(image if grey is None else grey, np.float32)
     if img.ndim == 3 and img.shape[2] == 3:
@@ -33,7 +34,7 @@ def image_type(image: np.ndarray, normalization: dict | None = None) -> str:
         if spread > 0.04:
             return "histology"
         img = img.mean(axis=2)
-    return "brightfield" if float(np.median(img)) > 0.5 else "fluorescence"
+    return "brightfield" if inverted or float(np.median(img)) > 0.5 else "fluorescence"
 
 
 def _score(maps: list[np.ndarray], labels: list[np.ndarray], design: str, thresholds: dict) -> float:
@@ -107,8 +108,10 @@ def _summarise(rows: list[dict]) -> dict:
 
 
 def evaluate_items(model, items: list[tuple[str, np.ndarray, np.ndarray]], maps: list[np.ndarray] | None = None,
-                   tta: bool = False, keep_predictions: bool = False, diameter: float | str | None = None) -> dict:
-    """Metrics for cached (name, normalised image, labels) items: per-image rows, summary, per type.
+                   tta: bool = False, keep_predictions: bool = False, diameter: float | str | None = None,
+                   types: dict[str, str] | None = None) -> dict:
+    """Metrics for cached (name, normalised image, labels) items: per-image rows, summary, per type
+    (``types`` by name from ``data.load_items``, else judged from the normalised images).
 
     ``diameter`` None scores each image at its own size (what thresholds are tuned on); 'auto' or a number
     scores what ``nucleiseg predict`` writes with that ``--diameter`` (images zoomed to the trained size)."""
@@ -123,7 +126,7 @@ def evaluate_items(model, items: list[tuple[str, np.ndarray, np.ndarray]], maps:
         else:
             m = maps[i] if maps is not None else model.maps_from_normalized(image, tta=tta)
             pred = model.segment(m, model.thresholds_for(tta))
-        row = {"image": name, "type": image_type(image, model.config["normalization"]),
+        row = {"image": name, "type": types[name] if types else image_type(image, model.config["normalization"]),
                "height": true.shape[0], "width": true.shape[1],
                **pixel_metrics(true > 0, pred > 0), **instance_metrics(true, pred),
                "seconds": time.perf_counter() - started}
@@ -154,8 +157,9 @@ def evaluate(model, data: str | Path, out: str | Path, labels: str | None = None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     problems: list[str] = []
-    items = annotated_items(model, data, labels, subset, progress, problems)
-    result = evaluate_items(model, items, tta=tta, keep_predictions=True, diameter=diameter)
+    types: dict[str, str] = {}
+    items = annotated_items(model, data, labels, subset, progress, problems, types)
+    result = evaluate_items(model, items, tta=tta, keep_predictions=True, diameter=diameter, types=types)
     preds = result.pop("predictions")
     rows = result["rows"]
     with open(out / "per_image.csv", "w", newline="") as fh:
@@ -176,15 +180,17 @@ def evaluate(model, data: str | Path, out: str | Path, labels: str | None = None
     return report
 
 
-def annotated_items(model, data, labels: str | None, subset: str, progress: bool, problems: list[str]) -> list:
-    """Normalised (name, image, labels) of a dataset, or of the model's own 'val' / 'train' split of it."""
+def annotated_items(model, data, labels: str | None, subset: str, progress: bool, problems: list[str],
+                    types: dict[str, str] | None = None) -> list:
+    """Normalised (name, image, labels) of a dataset, or of the model's own 'val' / 'train' split of it
+    (with their image types into ``types``, see ``data.load_items``)."""
     _, samples = find_samples(data, labels, problems=problems)
     if subset != "all":
         wanted = set(model.config.get("data", {}).get(subset, []))
         samples = [s for s in samples if s.name in wanted]
         if not samples:
             raise ValueError(f"no images of the model's {subset!r} split found in {data}")
-    items = load_items(samples, model.config["normalization"], progress=progress, problems=problems)
+    items = load_items(samples, model.config["normalization"], progress=progress, problems=problems, types=types)
     if not items:
         raise ValueError(f"{data}: no usable annotated images ({len(problems)} skipped)")
     return items

@@ -90,6 +90,9 @@ class TrainConfig:
     # grey images to the network as (x^g1, x^g2, x^g3) (transforms.normalize), e.g. [1, 0.5, 0.25] so dim nuclei are
     # seen brightened too; None: as the --init-model has, else grey repeated to 3 channels
     grey_gammas: list | None = None
+    # 'auto': images with a bright background (brightfield, stained tissue) inverted to bright nuclei on dark, as
+    # fluorescence (transforms.intensity_scale); None: as the --init-model has, else not inverted
+    invert: str | None = None
     # > 0: a full-resolution skip of this many channels into the last decoder block; None: as the
     # --init-model has (fine-tuning keeps its architecture), 0 when training from ImageNet
     full_res_channels: int | None = None
@@ -133,21 +136,22 @@ def _this_rank_share(n: int) -> range:
 
 
 def crops_per_item(items, crops_per_image: int, type_balance: float = 0.0,
-                   normalization: dict | None = None) -> np.ndarray:
+                   normalization: dict | None = None, types: dict[str, str] | None = None) -> np.ndarray:
     """Random crops of each training image per epoch: ``crops_per_image`` each, or with ``type_balance``
     > 0 proportional to (frequency of the image's type) ** -type_balance, scaled to average
     ``crops_per_image`` before rounding (at least 1 each), so rare image types (brightfield, histology
     among mostly fluorescence) are seen more often. ``normalization``: the settings the items were
-    normalised with (see ``evaluate.image_type``)."""
+    normalised with (see ``evaluate.image_type``); ``types``: the items' types by name, where known
+    (``data.load_items``; needed for images that normalisation inverted)."""
     counts = np.full(len(items), crops_per_image)
     if type_balance > 0 and items:
         from collections import Counter
 
         from .evaluate import image_type
 
-        types = [image_type(image, normalization) for _, image, _ in items]
-        freq = Counter(types)
-        weight = np.array([freq[t] ** -type_balance for t in types])
+        kinds = [types[name] if types else image_type(image, normalization) for name, image, _ in items]
+        freq = Counter(kinds)
+        weight = np.array([freq[t] ** -type_balance for t in kinds])
         counts = np.maximum(1, np.round(weight / weight.mean() * crops_per_image)).astype(int)
     return counts
 
@@ -478,11 +482,11 @@ class HistoryCallback(L.Callback):
         training_curves(self.rows, self.run_dir / "curves.png")
 
 
-def _loaders(cfg: TrainConfig, train_items, val_items, design: str, normalization: dict):
+def _loaders(cfg: TrainConfig, train_items, val_items, design: str, normalization: dict, types: dict[str, str]):
     # grey images given as gamma channels keep their channel order (shuffling them would mismatch prediction)
     train_ds = TrainDataset(train_items, design, cfg.crop, cfg.seed, cfg.augment, cfg.scale_range,
                             channel_shuffle=not cfg.grey_gammas)
-    counts = crops_per_item(train_items, cfg.crops_per_image, cfg.type_balance, normalization)
+    counts = crops_per_item(train_items, cfg.crops_per_image, cfg.type_balance, normalization, types)
     sampler = EpochSampler(len(train_ds), cfg.seed, counts)
     train = torch.utils.data.DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                                         num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
@@ -526,6 +530,8 @@ def train(cfg: TrainConfig, resume: bool = False, epochs: int | None = None, val
         cfg = replace(cfg, decoder_channels=list(arch.get("decoder_channels", DEFAULT_DECODER)))
     if cfg.grey_gammas is None and init_config.get("normalization", {}).get("grey_gammas"):
         cfg = replace(cfg, grey_gammas=list(init_config["normalization"]["grey_gammas"]))
+    if cfg.invert is None:
+        cfg = replace(cfg, invert=init_config.get("normalization", {}).get("invert") or None)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -537,7 +543,9 @@ def train(cfg: TrainConfig, resume: bool = False, epochs: int | None = None, val
     names = [s.name for s in samples]
     split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
     train_names, val_names = split(names, cfg.val_fraction, split_seed) if cfg.val_fraction > 0 else (sorted(names), [])
-    normalization = {"grey_gammas": [float(g) for g in cfg.grey_gammas]} if cfg.grey_gammas else None
+    normalization = {"grey_gammas": [float(g) for g in cfg.grey_gammas]} if cfg.grey_gammas else {}
+    if cfg.invert:
+        normalization["invert"] = cfg.invert
     model_config = make_config(cfg.design, tuple(cfg.decoder_channels), normalization, full_res_channels=cfg.full_res_channels, data={
         "root": str(cfg.data), "layout": layout, "labels": cfg.labels, "n_images": len(names),
         "val_fraction": cfg.val_fraction, "seed": split_seed, "train": train_names, "val": val_names})
@@ -545,7 +553,8 @@ def train(cfg: TrainConfig, resume: bool = False, epochs: int | None = None, val
     model_config["training"]["train_crop"] = cfg.crop
     precision = model_config["training"]["precision"] = resolve_precision(cfg.precision, cfg.accelerator)
     log.info("training precision: %s", precision)
-    items = {it[0]: it for it in load_items(samples, model_config["normalization"], cfg.progress, problems)}
+    types: dict[str, str] = {}
+    items = {it[0]: it for it in load_items(samples, model_config["normalization"], cfg.progress, problems, types)}
     model_config["data"]["skipped"] = problems  # one line per unusable file; training goes on without them
     train_items = [items[n] for n in train_names if n in items]
     val_items = [items[n] for n in val_names if n in items]
@@ -554,7 +563,7 @@ def train(cfg: TrainConfig, resume: bool = False, epochs: int | None = None, val
     module = SegmentationModule(model_config, asdict(cfg))
     if not resume:
         log.info("initialised from %s", module.init_weights())
-    train_loader, val_loader = _loaders(cfg, train_items, val_items, cfg.design, model_config["normalization"])
+    train_loader, val_loader = _loaders(cfg, train_items, val_items, cfg.design, model_config["normalization"], types)
 
     monitor, mode = ("val_dsb", "max") if val_items else ("train_loss", "min")
     ckpt_dir = run_dir / "checkpoints"
@@ -610,6 +619,6 @@ def train(cfg: TrainConfig, resume: bool = False, epochs: int | None = None, val
         if model.thresholds.pop("tta", None) is not None:  # tuned for the maps of the network they came from
             log.info("thresholds for --tta from %s not kept: tune them for this model with `nucleiseg tune --tta`",
                      cfg.thresholds_from)
-        metrics["validation"] = evaluate_items(model, val_items, maps=maps)["summary"]
+        metrics["validation"] = evaluate_items(model, val_items, maps=maps, types=types)["summary"]
     model_dir = model.save(run_dir / "model", metrics=metrics)
     return model_dir

@@ -6,6 +6,9 @@ import numpy as np
 # low/high percentiles map to 0/1; the range is at least ``min_range`` x (robust max - low), so that an
 # image with few nuclei (where the high percentile is background) does not stretch noise to full scale.
 DEFAULT_NORMALIZATION = {"method": "percentile", "low": 1.0, "high": 99.8, "robust_max": 99.99, "min_range": 0.25}
+# ``"invert": "auto"`` (optional key) turns images with a bright background (median above half the range:
+# brightfield, stained tissue) into dark-background ones, so every modality shows bright nuclei on dark
+INVERT_MODES = (False, "auto")
 _MAX_SAMPLES = 1 << 20  # percentiles from at most ~1M pixels: exact enough, fast on huge images
 
 
@@ -17,12 +20,28 @@ def percentile_range(image: np.ndarray, *percentiles: float) -> tuple[float, ...
 
 
 def intensity_scale(image: np.ndarray, normalization: dict | None = None) -> tuple[float, float]:
-    """(offset, scale) that :func:`normalize` applies: ``(image - offset) / scale``."""
+    """(offset, scale) that :func:`normalize` applies: ``(image - offset) / scale``.
+
+    With ``"invert": "auto"`` in the settings, an image whose median lies above the middle of its range gets
+    a negative scale (offset at the top of the range): it is inverted, 0 and 1 swapped. The choice is made
+    once per image, so the blocks of a large image are all inverted or none."""
     norm = {**DEFAULT_NORMALIZATION, **(normalization or {})}
     if norm["method"] != "percentile":
         raise ValueError(f"unknown normalization method {norm['method']!r}")
-    lo, hi, top = percentile_range(np.asarray(image), norm["low"], norm["high"], norm.get("robust_max", norm["high"]))
-    return lo, max(hi - lo, norm.get("min_range", 0.0) * (top - lo), 1e-6)
+    invert = norm.get("invert", False)
+    if invert not in INVERT_MODES:
+        raise ValueError(f"unknown invert setting {invert!r}; use one of {INVERT_MODES}")
+    lo, hi, top, median = percentile_range(np.asarray(image), norm["low"], norm["high"],
+                                           norm.get("robust_max", norm["high"]), 50.0)
+    span = max(hi - lo, norm.get("min_range", 0.0) * (top - lo), 1e-6)
+    if invert == "auto" and median - lo > span / 2:
+        return lo + span, -span
+    return lo, span
+
+
+def is_inverted(scale: tuple[float, float]) -> bool:
+    """Whether an (offset, scale) from :func:`intensity_scale` inverts the image."""
+    return scale[1] < 0
 
 
 def is_grey(image: np.ndarray) -> bool:
