@@ -29,6 +29,9 @@ def write(path, array):
     ("g16.tif", IMG16, (64, 80), np.uint16),
     ("f32.tif", IMG16.astype(np.float32) / 65535, (64, 80), np.float32),
     ("rgb16.tif", np.dstack([IMG16] * 3), (64, 80, 3), np.uint16),
+    ("u32.tif", IMG16.astype(np.uint32) * 65537, (64, 80), np.uint32),
+    ("i32.tif", IMG16.astype(np.int32) - 1000, (64, 80), np.int32),
+    ("f64.tif", IMG16 / 65535.0, (64, 80), np.float32),  # float64 read as float32
     ("g.jpg", IMG8, (64, 80), np.uint8),
     ("rgb.jpg", np.dstack([IMG8] * 3), (64, 80, 3), np.uint8),
 ])

@@ -12,6 +12,7 @@ from conftest import make_labels_layout, to_uint8
 from nucleiseg.cli import main
 from nucleiseg.data import median_diameter
 from nucleiseg.inference import predict_maps, tile_starts
+from nucleiseg.io import read_image
 from nucleiseg.metrics import iou_matrix, matching
 from nucleiseg.outputs import outlines, rle_decode, rle_encode
 from nucleiseg.targets import vector_channels
@@ -212,6 +213,18 @@ def test_api_predict_many(model, tmp_path):
     assert isinstance(results[bad], ValueError) and "bad.png" in str(results[bad])
 
 
+def test_wide_integer_and_float64_files_segment_as_their_16_bit_original(model, tmp_path):
+    image, true = nuclei_image((128, 128), n=10, seed=7)
+    reference = model.predict(image)
+    assert matching(true, reference)["f1"] > 0.8  # the original itself is segmented well
+    for name, array in [("u32.tif", image.astype(np.uint32) * 65537), ("i64.tif", image.astype(np.int64) - 5000),
+                        ("f64.tif", image / 65535.0)]:
+        tifffile.imwrite(tmp_path / name, array)
+        labels = model.predict(read_image(tmp_path / name))
+        m = matching(reference, labels, threshold=0.9)
+        assert m["tp"] == reference.max() == labels.max(), name
+
+
 def test_outputs_are_standard_files(tmp_path):
     img = to_uint8(nuclei_image((128, 128), n=10, seed=2)[0])
     Image.fromarray(img).save(tmp_path / "cells.png")
@@ -321,7 +334,6 @@ def test_evaluate_command_writes_reports(tmp_path, capsys):
 def test_evaluate_diameter_scores_what_predict_writes(tmp_path, model):
     """`evaluate --diameter auto` scores the zoomed segmentation `predict` writes; the default scores images
     as they are (what thresholds are tuned on)."""
-    from nucleiseg.io import read_image
 
     k = 4  # nuclei 4x the trained size
     root = tmp_path / "big"

@@ -1,4 +1,4 @@
-"""Reading and writing image files: PNG / TIFF / JPEG, 8/16-bit, grey / RGB / RGBA / multi-channel.
+"""Reading and writing image files: PNG / TIFF / JPEG, 8/16/32-bit or float, grey / RGB / RGBA / multi-channel.
 
 Every reading problem becomes an :class:`ImageError` whose message names the file and says what to do,
 so callers can report it in one line and go on with the next file.
@@ -16,7 +16,10 @@ import tifffile
 from PIL import Image
 
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
-SUPPORTED_DTYPES = (np.uint8, np.uint16, np.int8, np.int16, np.float16, np.float32)
+# integer images of any width (32-bit ones from summed projections, 64-bit from NumPy) and float images; float64
+# is read as float32, which holds any microscope's range (normalisation maps percentiles to [0, 1] anyway)
+SUPPORTED_DTYPES = (np.uint8, np.uint16, np.uint32, np.uint64, np.int8, np.int16, np.int32, np.int64,
+                    np.float16, np.float32, np.float64)
 DEFAULT_MAX_PIXELS = 20_000 * 20_000  # refuse larger images unless the caller raises the limit
 
 Image.MAX_IMAGE_PIXELS = None  # we apply our own, configurable limit (checked before decoding)
@@ -95,9 +98,13 @@ def as_2d_image(array: np.ndarray, path: str | os.PathLike = "<array>", channel:
     """Check dtype and values and bring an array to (H, W) or (H, W, 3)."""
     array = np.asarray(array)
     if array.dtype == bool or not any(array.dtype == d for d in SUPPORTED_DTYPES):
-        raise ImageError(path, f"unsupported pixel type {array.dtype}; expected 8/16-bit integer or float32 images")
+        raise ImageError(path, f"unsupported pixel type {array.dtype}; expected integer or floating-point intensities")
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise ImageError(path, "contains NaN or infinite values")
+    if array.dtype == np.float64:
+        if array.size and np.abs(array).max() > np.finfo(np.float32).max:
+            raise ImageError(path, "float64 values beyond the float32 range; rescale the image")
+        array = array.astype(np.float32)
     if array.ndim > 2:
         squeezed = np.squeeze(array)
         if squeezed.ndim >= 2:
