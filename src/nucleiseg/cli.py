@@ -84,6 +84,9 @@ def _add_train(sub) -> None:
     g.add_argument("--small-weight", type=float, default=0.0,
                    help="distance designs: extra loss weight on small nuclei (full below 40 px, none from 160 px) "
                         "and a 2-pixel ring around them (0 = off)")
+    g.add_argument("--min-label-size", type=int, default=0,
+                   help="training labels: nuclei below this many pixels become background (0 = keep all), e.g. the "
+                        "thresholds' min_size, which removes such objects from predictions anyway")
     g.add_argument("--distance-weight", type=float, default=1.0,
                    help="distance designs: weight of the distance map's loss (the watershed's seeds) against the class loss")
     g.add_argument("--flow-weight", type=float, default=1.0,
@@ -221,7 +224,7 @@ def cmd_train(args) -> int:
                           seed=args.seed, split_seed=args.split_seed, encoder_weights=args.encoder_weights, freeze_encoder=args.freeze_encoder,
                           encoder_bn=args.encoder_bn,
                           precision=args.precision, patience=args.patience, val_every=args.val_every or 1, boundary_weight=args.boundary_weight,
-                          dice_weight=args.dice_weight, contact_weight=args.contact_weight, small_weight=args.small_weight,
+                          dice_weight=args.dice_weight, contact_weight=args.contact_weight, small_weight=args.small_weight, min_label_size=args.min_label_size,
                           distance_weight=args.distance_weight, flow_weight=args.flow_weight, ray_weight=args.ray_weight,
                           contact_pos_weight=args.contact_pos_weight, full_res_channels=args.full_res_channels,
                           decoder_channels=args.decoder_channels, init_model=args.init_model, crops_per_image=args.crops_per_image,
