@@ -11,7 +11,7 @@ from nucleiseg.metrics import dsb_score
 from nucleiseg.postprocess import (flood, flow_convergence, flow_markers, follow_flows, instances, peak_markers, remove_small,
                                    remove_unsure, star_polygons)
 from nucleiseg.synthetic import nuclei_image
-from nucleiseg.targets import (N_RAYS, RAY_SCALE, centre_flows, contact_map, contour_classes, drop_small_labels, encode, flip_rays, loss,
+from nucleiseg.targets import (N_RAYS, RAY_SCALE, centre_flows, contact_map, contour_classes, encode, flip_rays, loss,
                                n_channels, normalised_distance, probabilities, ray_distances, small_nucleus_map,
                                transpose_rays)
 
@@ -260,7 +260,8 @@ def test_small_nucleus_map_grades_nuclei_by_area_with_a_ring():
     assert not small[:, 22:25].any() and small[0, 0] == 0.0  # background away from small nuclei is unweighted
 
 
-def test_drop_small_labels_removes_only_nuclei_below_the_size():
+def test_remove_small_drops_label_discs_for_training():
+    """`train --min-label-size 25` passes training labels through remove_small: a 21-px disc goes, 25 px stays."""
     yy, xx = np.mgrid[0:40, 0:80]
     lab = np.zeros((40, 80), np.uint16)
     lab[(yy - 20) ** 2 + (xx - 10) ** 2 <= 6] = 7     # 21 px: a DSB2018-style disc
@@ -269,10 +270,10 @@ def test_drop_small_labels_removes_only_nuclei_below_the_size():
     lab[20, 12] = 9                                   # a stray pixel of a big nucleus does not make it small
     areas = {int(v): int((lab == v).sum()) for v in np.unique(lab) if v}
     assert areas[7] < 25 <= areas[3]
-    out = drop_small_labels(lab, 25)
-    assert out.dtype == lab.dtype and not (out == 7).any()
-    assert ((out == 3) == (lab == 3)).all() and ((out == 9) == (lab == 9)).all()
-    assert (drop_small_labels(lab, 0) == lab).all() and not drop_small_labels(np.zeros_like(lab), 25).any()
+    out = remove_small(lab, 25)
+    assert not out[lab == 7].any() and out.max() == 2
+    assert ((out == out[20, 30]) == (lab == 3)).all() and ((out == out[20, 55]) == (lab == 9)).all()
+    assert ((remove_small(lab, 0) > 0) == (lab > 0)).all() and not remove_small(np.zeros_like(lab), 25).any()
 
 
 def test_small_weight_counts_errors_on_small_nuclei_more():

@@ -138,18 +138,6 @@ def contact_map(labels: np.ndarray, radius: int = 2) -> np.ndarray:
     return ((low < big) & (high != low)).astype(np.float32)
 
 
-def drop_small_labels(labels: np.ndarray, min_size: int) -> np.ndarray:
-    """The label image with nuclei of fewer than ``min_size`` pixels set to background: objects that
-    post-processing's ``min_size`` would remove anyway need not be learnt (in DSB2018 most are 21-pixel
-    discs the annotators placed where the images show nothing; benchmarks/RESULTS.md, stage 11)."""
-    if min_size <= 0 or not labels.any():
-        return labels
-    areas = np.bincount(labels.ravel())
-    small = areas < min_size
-    small[0] = False
-    return np.where(small[labels], 0, labels).astype(labels.dtype)
-
-
 def small_nucleus_map(labels: np.ndarray, full: float = 40.0, none: float = 160.0, ring: int = 2) -> np.ndarray:
     """How small each nucleus is, on its pixels and a ``ring``-pixel band around it: 1 for nuclei of
     ``full`` pixels or fewer, falling linearly to 0 at ``none`` pixels. Small nuclei are few pixels of

@@ -25,8 +25,8 @@ from . import __version__
 from .data import SegmentationDataset, find_samples, load_items, median_diameter, split
 from .model import Model, build_network, make_config, read_config
 from .network import DEFAULT_DECODER, STRIDE
-from .postprocess import instances
-from .targets import N_RAYS, drop_small_labels, foreground, loss as target_loss, probabilities
+from .postprocess import instances, remove_small
+from .targets import N_RAYS, foreground, loss as target_loss, probabilities
 from .weights import load_encoder_weights
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class TrainConfig:
     dice_weight: float = 0.0
     contact_weight: float = 0.0  # distance designs: extra loss weight where touching nuclei meet
     small_weight: float = 0.0  # distance designs: extra loss weight on small nuclei and a ring around them
-    min_label_size: int = 0  # > 0: training nuclei below this many pixels become background (targets.drop_small_labels)
+    min_label_size: int = 0  # > 0: training nuclei below this many pixels become background: post-processing's min_size drops them anyway
     distance_weight: float = 1.0  # distance designs: weight of the distance map's loss against the class loss
     flow_weight: float = 1.0  # flow design: weight of the centre flows' squared error
     ray_weight: float = 1.0  # star design: weight of the ray lengths' absolute error
@@ -559,7 +559,7 @@ def train(cfg: TrainConfig, resume: bool = False, epochs: int | None = None, val
     model_config["data"]["skipped"] = problems  # one line per unusable file; training goes on without them
     train_items = [items[n] for n in train_names if n in items]
     if cfg.min_label_size > 0:
-        train_items = [(n, image, drop_small_labels(labels, cfg.min_label_size)) for n, image, labels in train_items]
+        train_items = [(n, image, remove_small(labels, cfg.min_label_size)) for n, image, labels in train_items]
     val_items = [items[n] for n in val_names if n in items]
     model_config["nucleus_diameter"] = round(median_diameter([it[2] for it in train_items]), 2)
 
