@@ -366,6 +366,33 @@ def test_encoder_learns_at_its_own_scaled_rate():
     assert (decoder_group["lr"], encoder_group["lr"]) == (pytest.approx(1e-5), pytest.approx(1e-6))  # each to 1/100 of its own
 
 
+def test_weight_decay_shrinks_convolution_weights_but_not_biases_or_norms():
+    """--weight-decay: AdamW with the decay on weights of 2+ dimensions only; with a zero gradient a decayed weight
+    shrinks by lr x W per step and a bias or norm scale stays as it is."""
+    import torch
+
+    from nucleiseg.model import make_config
+    from nucleiseg.training import SegmentationModule
+
+    cfg = {"data": "", "epochs": 10, "lr": 1e-3, "schedule": "cosine", "encoder_weights": "none", "weight_decay": 0.05}
+    module = SegmentationModule(make_config("flow"), cfg)
+    opt = module.configure_optimizers()["optimizer"]
+    assert isinstance(opt, torch.optim.AdamW)
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    params = dict(module.net.named_parameters())
+    assert decayed == {id(p) for p in params.values() if p.ndim > 1} and decayed
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(params)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    for p in params.values():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for n, p in params.items():
+        factor = 1 - 1e-3 * 0.05 if p.ndim > 1 else 1.0
+        torch.testing.assert_close(p.detach(), before[n] * factor)
+    plain = SegmentationModule(make_config("flow"), {**cfg, "weight_decay": 0.0}).configure_optimizers()["optimizer"]
+    assert type(plain) is torch.optim.Adam and len(plain.param_groups) == 1  # as runs before the option
+
+
 def test_unknown_learning_rate_schedule_is_refused():
     with pytest.raises(ValueError, match="schedule"):  # at once, before any image is read
         TrainConfig(data="", schedule="step")

@@ -70,6 +70,8 @@ def _add_train(sub) -> None:
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--encoder-lr-scale", type=float, default=1.0, metavar="F",
                    help="the pretrained encoder learns at --lr x F (e.g. 0.1: fine-tuned gently, the decoder at full rate)")
+    g.add_argument("--weight-decay", type=float, default=0.0, metavar="W",
+                   help="decoupled weight decay (AdamW) on convolution weights, e.g. 0.05; 0: plain Adam")
     g.add_argument("--schedule", choices=["plateau", "cosine", "constant"], default="plateau",
                    help="learning rate: halve when validation loss stalls, anneal (cosine) to lr/100 by the last "
                         "epoch, or keep it (with --average-last)")
@@ -219,7 +221,7 @@ def cmd_train(args) -> int:
         cfg = TrainConfig(data=args.data, out=args.out, design=args.design, labels=args.labels,
                           epochs=args.epochs or TrainConfig.epochs,
                           batch_size=args.batch_size, crop=args.crop, augment=args.augment,
-                          scale_range=args.scale_range, lr=args.lr, encoder_lr_scale=args.encoder_lr_scale, schedule=args.schedule, average_last=args.average_last,
+                          scale_range=args.scale_range, lr=args.lr, encoder_lr_scale=args.encoder_lr_scale, weight_decay=args.weight_decay, schedule=args.schedule, average_last=args.average_last,
                           val_fraction=args.val_fraction,
                           seed=args.seed, split_seed=args.split_seed, encoder_weights=args.encoder_weights, freeze_encoder=args.freeze_encoder,
                           encoder_bn=args.encoder_bn,

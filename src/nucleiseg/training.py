@@ -56,7 +56,7 @@ class TrainConfig:
     encoder_lr_scale: float = 1.0  # the pretrained encoder learns at lr x this (transfer learning: < 1 keeps more of ImageNet)
     schedule: str = "plateau"  # 'plateau': halve lr when validation loss stalls; 'cosine': anneal to lr/100; 'constant'
     average_last: int = 0  # > 0: the model saved is the mean of the weights after each of the last N epochs (SWA)
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # > 0: decoupled weight decay (AdamW) on convolution weights; biases and norms exempt
     val_fraction: float = 0.2
     seed: int = 0
     split_seed: int | None = None  # seed of the train/validation split (None: ``seed``), so runs can differ in seed alone
@@ -369,7 +369,13 @@ class SegmentationModule(L.LightningModule):
         groups = [{"params": others + encoder, "lr": self.cfg.lr}]
         if encoder and self.cfg.encoder_lr_scale != 1.0:
             groups = [{"params": others, "lr": self.cfg.lr}, {"params": encoder, "lr": self.cfg.lr * self.cfg.encoder_lr_scale}]
-        opt = torch.optim.Adam(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        if self.cfg.weight_decay > 0:  # AdamW (Loshchilov & Hutter 2019): shrink weights apart from the gradient step
+            groups = [{**g, "params": ps, "weight_decay": self.cfg.weight_decay if decay else 0.0}
+                      for g in groups for decay in (True, False)
+                      if (ps := [p for p in g["params"] if (p.ndim > 1) == decay])]
+            opt = torch.optim.AdamW(groups, lr=self.cfg.lr)
+        else:  # as every run before --weight-decay was trained (and their checkpoints resume)
+            opt = torch.optim.Adam(groups, lr=self.cfg.lr)
         if self.cfg.schedule == "cosine":  # settles the weights at the end instead of leaving them noisy
             if len(groups) == 1:  # as runs before --encoder-lr-scale were trained (and their checkpoints resume)
                 sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.cfg.epochs, eta_min=self.cfg.lr / 100)
