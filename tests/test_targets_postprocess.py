@@ -416,26 +416,46 @@ def test_flow_convergence_splits_touching_nuclei_that_share_one_distance_peak():
     assert pred.max() == 2 and dsb_score(lab, pred) > 0.8
 
 
-def test_tuning_in_worker_processes_chooses_what_one_process_chooses():
-    """Thresholds of noisy, blurred (predicted-like) flow maps of synthetic nuclei tuned in 2 worker processes
-    and in one: the same choice and score, and never worse than the start."""
-    from scipy import ndimage as ndi
-
-    from nucleiseg.evaluate import _score, tune_thresholds
-
+def predicted_like_flow_maps(touching: float, flow_noise: float = 0.0):
+    """Labels and flow maps of two synthetic images as a network might predict them: the distance map blurred
+    and noisy, the flows noisy when ``flow_noise`` > 0."""
     rng = np.random.default_rng(5)
     labels, maps = [], []
     for seed in (11, 12):
-        _, lab = nuclei_image((96, 96), n=14, seed=seed, touching=0.5)
+        _, lab = nuclei_image((96, 96), n=14, seed=seed, touching=touching)
         m = perfect_maps(lab, "flow")
         m[2] = ndi.gaussian_filter(m[2], 1.5) + rng.normal(0, 0.05, m[2].shape).astype(np.float32)
+        if flow_noise > 0:
+            m[3:5] += rng.normal(0, flow_noise, m[3:5].shape).astype(np.float32)
         labels.append(lab)
         maps.append(m)
+    return labels, maps
+
+
+def test_tuning_in_worker_processes_chooses_what_one_process_chooses():
+    """Thresholds of noisy, blurred (predicted-like) flow maps of synthetic nuclei tuned in 2 worker processes
+    and in one: the same choice and score, and never worse than the start."""
+    from nucleiseg.evaluate import _score, tune_thresholds
+
+    labels, maps = predicted_like_flow_maps(touching=0.5)
     start = {"min_size": 5}
     serial = tune_thresholds(maps, labels, "flow", start=start, workers=1)
     parallel = tune_thresholds(maps, labels, "flow", start=start, workers=2)
     assert serial == parallel
     assert serial["tuned_dsb_score"] >= round(_score(maps, labels, "flow", start), 5)
+
+
+def test_tuning_tries_both_ways_of_seeding_flow_maps():
+    """Crowded synthetic nuclei with noisy flows and a good distance map: one coordinate search from the defaults
+    ends with flow seeds; searching within each way of seeding finds the distance seeds' better score."""
+    from nucleiseg.evaluate import _coordinate_search, tune_thresholds, tuning_grid
+    from nucleiseg.postprocess import DEFAULT_THRESHOLDS
+
+    labels, maps = predicted_like_flow_maps(touching=0.8, flow_noise=0.6)
+    tuned = tune_thresholds(maps, labels, "flow", workers=1)
+    one_search, one_score = _coordinate_search(maps, labels, "flow", dict(DEFAULT_THRESHOLDS), tuning_grid("flow"), 1)
+    assert one_search["flow_seed"] > 0
+    assert tuned["flow_seed"] == 0 and tuned["tuned_dsb_score"] > round(one_score, 5) + 0.01
 
 
 def test_flow_loss_scores_the_flow_channels_on_nuclei_only():

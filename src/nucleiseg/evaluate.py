@@ -65,15 +65,8 @@ def _scores(maps: list[np.ndarray], labels: list[np.ndarray], design: str, trial
         _SHARED = None
 
 
-def tune_thresholds(maps: list[np.ndarray], labels: list[np.ndarray], design: str, start: dict | None = None,
-                    workers: int | None = None) -> dict:
-    """Choose mask / marker thresholds, peak height, minimum size, object probability (and the design's own
-    thresholds) maximising the mean DSB score (coordinate search from ``start``, default :data:`DEFAULT_THRESHOLDS`,
-    some thresholds in pairs; never worse than ``start``). The values of one threshold are scored in ``workers``
-    processes (default: one per CPU)."""
-    from .postprocess import DEFAULT_THRESHOLDS
-
-    best = {**DEFAULT_THRESHOLDS, **{k: v for k, v in (start or {}).items() if k in DEFAULT_THRESHOLDS}}
+def tuning_grid(design: str) -> dict:
+    """The values :func:`tune_thresholds` tries for each threshold (or pair) that ``design``'s post-processing uses."""
     grid = {"mask": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8], "marker": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
             "min_size": [0, 5, 10, 15, 25, 40], "peak_h": [0.0, 0.1, 0.2, 0.3],
             "object_prob": [0.0, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8],
@@ -89,8 +82,39 @@ def tune_thresholds(maps: list[np.ndarray], labels: list[np.ndarray], design: st
         del grid["star_nms"]
     if design == "semantic":
         del grid["marker"], grid["peak_h"]
-    best_score = _score(maps, labels, design, best)
+    return grid
+
+
+def tune_thresholds(maps: list[np.ndarray], labels: list[np.ndarray], design: str, start: dict | None = None,
+                    workers: int | None = None) -> dict:
+    """Choose mask / marker thresholds, peak height, minimum size, object probability (and the design's own
+    thresholds) maximising the mean DSB score (coordinate search from ``start``, default :data:`DEFAULT_THRESHOLDS`,
+    some thresholds in pairs; never worse than ``start``). The values of one threshold are scored in ``workers``
+    processes (default: one per CPU).
+
+    Flow designs seed nuclei in two ways (distance-map peaks, ``flow_seed`` 0; flow paths, ``flow_seed`` > 0) whose
+    other thresholds differ: one search tends to stay with the way it reaches first (RESULTS stage 29), so the
+    search runs once within each way, and the better result is kept."""
+    from .postprocess import DEFAULT_THRESHOLDS
+
+    start = {**DEFAULT_THRESHOLDS, **{k: v for k, v in (start or {}).items() if k in DEFAULT_THRESHOLDS}}
+    grid = tuning_grid(design)
     workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)  # CPUs we may use
+    searches = [(start, grid)]
+    if "flow_seed" in grid:
+        by_paths = [v for v in grid["flow_seed"] if v > 0]
+        searches = [({**start, "flow_seed": 0}, {k: v for k, v in grid.items() if k != "flow_seed"}),
+                    ({**start, "flow_seed": start["flow_seed"] or by_paths[0]}, {**grid, "flow_seed": by_paths})]
+    # the search that begins at ``start`` itself returns at least its score: never worse than the start
+    best, best_score = max((_coordinate_search(maps, labels, design, first, g, workers) for first, g in searches),
+                           key=lambda found: found[1])
+    return {**best, "tuned_dsb_score": round(best_score, 5), "tuned_on": f"{len(maps)} validation images"}
+
+
+def _coordinate_search(maps: list[np.ndarray], labels: list[np.ndarray], design: str, best: dict, grid: dict,
+                       workers: int) -> tuple[dict, float]:
+    """Two rounds over ``grid``'s keys, each time keeping the value (of one key, or one pair) that scores best."""
+    best_score = _score(maps, labels, design, best)
     for _round in range(2):
         for key, values in grid.items():
             # each trial changes only this key (or pair), so scoring them together chooses as one by one would
@@ -98,7 +122,7 @@ def tune_thresholds(maps: list[np.ndarray], labels: list[np.ndarray], design: st
             for trial, s in zip(trials, _scores(maps, labels, design, trials, workers)):
                 if s > best_score + 1e-6:
                     best, best_score = trial, s
-    return {**best, "tuned_dsb_score": round(best_score, 5), "tuned_on": f"{len(maps)} validation images"}
+    return best, best_score
 
 
 def _summarise(rows: list[dict]) -> dict:
