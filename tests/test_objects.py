@@ -9,8 +9,8 @@ from skimage.measure import regionprops_table
 import nucleiseg
 from nucleiseg.cli import main
 from nucleiseg.model import Model, ModelError
-from nucleiseg.objects import (FEATURES, SCORER_FILE, Candidates, _convex_areas, _differing_regions, _eccentricity,
-                               assemble, candidates, choose, fit_scorer, object_features)
+from nucleiseg.objects import (FEATURES, SCORER_FILE, TTA_SCORER_FILE, Candidates, _convex_areas, _differing_regions,
+                               _eccentricity, assemble, candidates, choose, fit_scorer, object_features)
 from nucleiseg.postprocess import instances
 from nucleiseg.synthetic import nuclei_image
 from nucleiseg.transforms import normalize
@@ -142,6 +142,32 @@ def test_prediction_uses_the_scorer_unless_told_not_to(fitted):
         assert any(len(np.unique(s[obj])) == 1 and s[obj][0] > 0 and (s == s[obj][0]).sum() == obj.sum() for s in c.sets)
 
 
+def test_a_scorer_learnt_on_tta_maps_serves_tta_prediction_only(fitted, tmp_path):
+    folder, items, scorer = fitted
+    shutil.copytree(folder, tmp_path / "model")
+    model = Model.load(tmp_path / "model")
+    assert model.tta_scorer is None and model.scorer_for(True) is model.scorer  # without one, TTA uses the plain scorer
+    tta_scorer = fit_scorer(model, items, epochs=3, progress=False, tta=True)
+    assert tta_scorer.info["maps"] == "tta" and scorer.info["maps"] == "plain"
+    assert tta_scorer.info["objects"] != scorer.info["objects"]  # candidates of other maps (smoother, other thresholds)
+    tta_scorer.save(tmp_path / "model" / TTA_SCORER_FILE)
+    model = Model.load(tmp_path / "model")
+    assert model.tta_scorer is not None and model.scorer_for(False) is model.scorer
+    np.testing.assert_array_equal(model.tta_scorer.mean, tta_scorer.mean)
+    image = items[2][1]
+    maps, tta_maps = model.maps_from_normalized(image), model.maps_from_normalized(image, tta=True)
+    np.testing.assert_array_equal(model.predict(image, scale=(0.0, 1.0), diameter=None),
+                                  model.scorer.segment(maps, model.design, model.thresholds_for(False)))
+    np.testing.assert_array_equal(model.predict(image, tta=True, scale=(0.0, 1.0), diameter=None),
+                                  model.tta_scorer.segment(tta_maps, model.design, model.thresholds_for(True)))
+    # saving the model keeps both scorers
+    model.save(tmp_path / "copy")
+    assert (tmp_path / "copy" / SCORER_FILE).is_file() and (tmp_path / "copy" / TTA_SCORER_FILE).is_file()
+    (tmp_path / "model" / TTA_SCORER_FILE).write_bytes(b"damaged")
+    with pytest.raises(ModelError, match="object_scorer_tta.*fit-scorer --tta"):
+        Model.load(tmp_path / "model")
+
+
 def test_fit_scorer_command_and_a_damaged_scorer_file(tmp_path, capsys):
     data = make_labels_layout(tmp_path / "ds", n=3, shape=(128, 128))
     folder = tmp_path / "model"
@@ -156,6 +182,12 @@ def test_fit_scorer_command_and_a_damaged_scorer_file(tmp_path, capsys):
     assert main(["evaluate", "--model", str(folder), "--data", str(data), "-o", str(tmp_path / "e0"), "--quiet",
                  "--no-object-scorer"]) == 0
     assert json.loads((tmp_path / "e0" / "metrics.json").read_text())["object_scorer"] is None
+    assert main(["fit-scorer", "--model", str(folder), "--data", str(data), "--subset", "all", "--epochs", "1", "--quiet",
+                 "--tta"]) == 0
+    assert "(TTA maps)" in capsys.readouterr().out and (folder / TTA_SCORER_FILE).is_file()
+    assert main(["evaluate", "--model", str(folder), "--data", str(data), "-o", str(tmp_path / "et"), "--quiet", "--tta"]) == 0
+    assert json.loads((tmp_path / "et" / "metrics.json").read_text())["object_scorer"]["maps"] == "tta"
+    (folder / TTA_SCORER_FILE).unlink()
     (folder / SCORER_FILE).write_bytes(b"not a safetensors file")
     with pytest.raises(ModelError, match="object scorer.*fit-scorer"):
         Model.load(folder)

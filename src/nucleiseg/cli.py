@@ -170,6 +170,9 @@ def _add_fit_scorer(sub) -> None:
                        epilog="example: nucleiseg fit-scorer --model runs/dsb/model --data ../shared/data/dsb2018-stage1-train --subset train")
     p.add_argument("--model", required=True, help="model folder (object_scorer.safetensors is written into it)")
     _add_annotated_data(p, subset="train")
+    p.add_argument("--tta", action="store_true",
+                   help="learn it on test-time augmented maps with the TTA thresholds (object_scorer_tta.safetensors), "
+                        "used with --tta in place of the plain one (8x the network time)")
     p.add_argument("--epochs", type=int, default=10, help="passes over the candidate objects (default 10)")
     p.add_argument("--workers", type=int, default=1,
                    help="processes that segment images into candidates while the network computes the next maps (default 1)")
@@ -179,16 +182,16 @@ def _add_fit_scorer(sub) -> None:
 def cmd_fit_scorer(args) -> int:
     from .evaluate import annotated_items
     from .model import Model
-    from .objects import SCORER_FILE, fit_scorer
+    from .objects import fit_scorer, scorer_file
 
     model = Model.load(args.model, object_scorer=False)  # a scorer already there is replaced, even one this version cannot use
     problems: list[str] = []
     items = annotated_items(model, args.data, args.labels, args.subset, not args.quiet, problems)
-    scorer = fit_scorer(model, items, epochs=args.epochs, progress=not args.quiet, workers=args.workers)
+    scorer = fit_scorer(model, items, epochs=args.epochs, progress=not args.quiet, workers=args.workers, tta=args.tta)
     scorer.info["trained_on"] = f"{len(items)} images of {args.data} ({args.subset})"
-    scorer.save(model.path / SCORER_FILE)
+    path = scorer.save(model.path / scorer_file(args.tta))
     print(f"object scorer learnt from {scorer.info['objects']} candidate objects ({scorer.info['matched_fraction']:.1%} "
-          f"matched) of {len(items)} images; saved to {model.path / SCORER_FILE}")
+          f"matched) of {len(items)} images{' (TTA maps)' if args.tta else ''}; saved to {path}")
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     return 1 if problems else 0
@@ -456,7 +459,8 @@ def cmd_info(args) -> int:
               f"thresholds {{mask {model.thresholds['mask']}, marker {model.thresholds['marker']}, min_size {model.thresholds['min_size']}}}, "
               f"trained on nuclei of median diameter {model.config.get('nucleus_diameter', '?')} px)")
         print("object scorer: " + (f"yes ({model.scorer.info.get('trained_on', '?')}; --no-object-scorer to skip)"
-                                   if model.scorer else "none (the tuned watershed alone)"))
+                                   if model.scorer else "none (the tuned watershed alone)")
+              + ("; another learnt on TTA maps for --tta" if model.tta_scorer else ""))
     except ValueError as exc:
         print(f"default model: unavailable ({exc})")
     try:

@@ -149,7 +149,7 @@ def evaluate_items(model, items: list[tuple[str, np.ndarray, np.ndarray]], maps:
             pred = model.predict(image, tta=tta, scale=(0.0, 1.0), diameter=diameter)
         else:
             m = maps[i] if maps is not None else model.maps_from_normalized(image, tta=tta)
-            pred = model.segment(m, model.thresholds_for(tta))
+            pred = model.segment(m, model.thresholds_for(tta), tta)
         row = {"image": name, "type": types[name] if types else image_type(image, model.config["normalization"]),
                "height": true.shape[0], "width": true.shape[1],
                **pixel_metrics(true > 0, pred > 0), **instance_metrics(true, pred),
@@ -191,7 +191,7 @@ def evaluate(model, data: str | Path, out: str | Path, labels: str | None = None
         writer.writeheader()
         writer.writerows(rows)
     report = {"data": str(data), "subset": subset, "tta": tta, "diameter": diameter, "model": str(model.path),
-              "thresholds": model.thresholds_for(tta), "object_scorer": model.scorer.info if model.scorer else None,
+              "thresholds": model.thresholds_for(tta), "object_scorer": model.scorer_for(tta).info if model.scorer_for(tta) else None,
               "summary": result["summary"], "by_type": result["by_type"],
               "skipped": problems}
     (out / "metrics.json").write_text(json.dumps(report, indent=2))

@@ -4,7 +4,8 @@ A model folder holds ``config.json`` (architecture, target design, normalisation
 settings, data split, package version), ``weights.safetensors``, ``thresholds.json`` (post-processing
 thresholds tuned on validation data; under its key ``tta``, those tuned on test-time augmented maps, which
 are smoother and want their own), optionally ``object_scorer.safetensors`` (the second-level object scorer of
-:mod:`nucleiseg.objects`, used unless the threshold ``object_scorer`` is 0), ``metrics.json`` and a model card ``README.md``.
+:mod:`nucleiseg.objects`, used unless the threshold ``object_scorer`` is 0) and ``object_scorer_tta.safetensors`` (one
+learnt on TTA maps, used with TTA in place of the first), ``metrics.json`` and a model card ``README.md``.
 Loading validates everything before any weight is copied: a mismatch is a clear error, never a
 half-loaded model.
 """
@@ -24,7 +25,7 @@ from . import __version__
 from .inference import TILE_OVERLAP, TILE_SIZE, MapsNet, OnnxRunner, TorchRunner, predict_maps
 from .io import read_image
 from .network import DEFAULT_DECODER, STRIDE, UNet
-from .objects import SCORER_FILE, ObjectScorer
+from .objects import ObjectScorer, scorer_file
 from .postprocess import DEFAULT_THRESHOLDS, instances
 from .targets import DESIGNS, N_RAYS, n_channels, ray_channels, vector_channels
 from .transforms import DEFAULT_NORMALIZATION, normalize
@@ -133,6 +134,7 @@ class Model:
         self.thresholds = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
         self.path = path
         self.scorer: ObjectScorer | None = None
+        self.tta_scorer: ObjectScorer | None = None  # learnt on TTA maps; with TTA, self.scorer serves when None
         self.backend = "torch"
         self._runner = TorchRunner(MapsNet(self.net, self.design))
 
@@ -146,11 +148,16 @@ class Model:
     def design(self) -> str:
         return self.config["design"]
 
-    def segment(self, maps: np.ndarray, thresholds: dict) -> np.ndarray:
-        """Instance labels from this model's maps: with its object scorer when it has one (and the threshold
-        ``object_scorer`` is not 0), else the watershed of :func:`postprocess.instances` alone."""
-        if self.scorer is not None and thresholds.get("object_scorer", 1):
-            return self.scorer.segment(maps, self.design, thresholds)
+    def scorer_for(self, tta: bool = False) -> ObjectScorer | None:
+        """The object scorer for plain or TTA maps: with ``tta`` the one learnt on TTA maps when there is one."""
+        return (self.tta_scorer or self.scorer) if tta else self.scorer
+
+    def segment(self, maps: np.ndarray, thresholds: dict, tta: bool = False) -> np.ndarray:
+        """Instance labels from this model's maps (``tta``: test-time augmented ones): with its object scorer when
+        it has one (and the threshold ``object_scorer`` is not 0), else the watershed of :func:`postprocess.instances`."""
+        scorer = self.scorer_for(tta)
+        if scorer is not None and thresholds.get("object_scorer", 1):
+            return scorer.segment(maps, self.design, thresholds)
         return instances(maps, self.design, thresholds)
 
     # ---- folder round trip -------------------------------------------------------------------
@@ -181,12 +188,16 @@ class Model:
         thresholds_file = path / "thresholds.json"
         thresholds = _read_json(thresholds_file) if thresholds_file.exists() else None
         model = cls(net, config, thresholds, path=path)
-        if object_scorer and (path / SCORER_FILE).is_file():
+        for tta in (False, True) if object_scorer else ():
+            file = path / scorer_file(tta)
+            if not file.is_file():
+                continue
             try:
-                model.scorer = ObjectScorer.load(path / SCORER_FILE)
+                scorer = ObjectScorer.load(file)
             except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as exc:
-                raise ModelError(f"{path / SCORER_FILE}: unusable object scorer ({exc}); learn a new one with "
-                                 f"nucleiseg fit-scorer, or remove the file to use the watershed alone") from None
+                raise ModelError(f"{file}: unusable object scorer ({exc}); learn a new one with nucleiseg fit-scorer"
+                                 f"{' --tta' if tta else ''}, or remove the file to use the watershed alone") from None
+            setattr(model, "tta_scorer" if tta else "scorer", scorer)
         if backend != "torch":
             model.use_backend(backend)
         return model
@@ -203,8 +214,9 @@ class Model:
             save_file(state, str(tmp), metadata={"format": FORMAT, "dtype": "float16" if half else "float32"})
         _write_json(path / "config.json", self.config)
         _write_json(path / "thresholds.json", self.thresholds)
-        if self.scorer is not None:
-            self.scorer.save(path / SCORER_FILE)
+        for tta, scorer in ((False, self.scorer), (True, self.tta_scorer)):
+            if scorer is not None:
+                scorer.save(path / scorer_file(tta))
         if metrics is not None:
             _write_json(path / "metrics.json", metrics)
         return path
@@ -346,7 +358,7 @@ class Model:
                            scale=scale, tile_size=tile_size, tta=tta, thresholds=thresholds)
             return labels
         maps = self.predict_maps(image, tta=tta, tile_size=tile_size, scale=scale)
-        return self.segment(maps, self.thresholds_for(tta, thresholds))
+        return self.segment(maps, self.thresholds_for(tta, thresholds), tta)
 
     def _predict_zoomed(self, image: np.ndarray, factor: float, thresholds: dict | None = None, zoom_back: bool = True,
                         tta: bool = False, **kwargs) -> np.ndarray:

@@ -36,6 +36,12 @@ FEATURES = ("log_area", "fg_mean", "fg_min", "fg_edge", "distance_mean", "distan
 # Of 12 settings (peak_h 0.2-0.6 x convergence 0-1) these two kept nearly all the gain at 2/12 of the cost (RESULTS stage 20)
 VARIANTS = ((0.2, 0.5), (0.2, 1.0))
 SCORER_FILE = "object_scorer.safetensors"
+TTA_SCORER_FILE = "object_scorer_tta.safetensors"  # learnt on test-time augmented maps, used with --tta
+
+
+def scorer_file(tta: bool = False) -> str:
+    """The model folder's file name of the object scorer for plain or for test-time augmented maps."""
+    return TTA_SCORER_FILE if tta else SCORER_FILE
 
 
 def object_features(maps: np.ndarray, labels: np.ndarray, context: tuple[float, int] | None = None,
@@ -317,13 +323,15 @@ def labelled_candidates(maps: np.ndarray, design: str, thresholds: dict, true: n
     return features, matched
 
 
-def fit_scorer(model, items: list, epochs: int = 10, seed: int = 0, progress: bool = True, workers: int = 1) -> ObjectScorer:
+def fit_scorer(model, items: list, epochs: int = 10, seed: int = 0, progress: bool = True, workers: int = 1,
+               tta: bool = False) -> ObjectScorer:
     """Train an :class:`ObjectScorer` for ``model`` on annotated (name, normalised image, labels) items: the
-    candidates of every variant on the model's plain maps, labelled by whether they match a true nucleus.
+    candidates of every variant on the model's plain maps (``tta``: its test-time augmented maps, with its TTA
+    thresholds, for a scorer used with TTA: those maps are smoother), labelled by whether they match a true nucleus.
     ``workers`` > 1: the candidates of several images at once in as many processes, while the network goes on
     (spawned processes: a script calling this needs the usual ``if __name__ == "__main__":`` guard)."""
     features, matched = [], []
-    thresholds = model.thresholds_for(False)
+    thresholds = model.thresholds_for(tta)
     pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn")) if workers > 1 else None
     pending: deque = deque()
     done = 0
@@ -338,7 +346,7 @@ def fit_scorer(model, items: list, epochs: int = 10, seed: int = 0, progress: bo
 
     try:
         for _, image, true in items:
-            job = (model.maps_from_normalized(image), model.design, thresholds, true)
+            job = (model.maps_from_normalized(image, tta), model.design, thresholds, true)
             if pool is None:
                 collect(labelled_candidates(*job))
                 continue
@@ -366,5 +374,6 @@ def fit_scorer(model, items: list, epochs: int = 10, seed: int = 0, progress: bo
             opt.zero_grad()
             loss.backward()
             opt.step()
-    info = {"trained_on": f"{len(items)} images", "objects": int(len(y)), "matched_fraction": round(float(y.mean()), 4)}
+    info = {"trained_on": f"{len(items)} images", "maps": "tta" if tta else "plain", "objects": int(len(y)),
+            "matched_fraction": round(float(y.mean()), 4)}
     return ObjectScorer(mean, std, net.eval(), info=info)
