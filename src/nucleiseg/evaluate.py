@@ -190,8 +190,9 @@ def evaluate(model, data: str | Path, out: str | Path, labels: str | None = None
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    scorer = model.scorer_for(tta)
     report = {"data": str(data), "subset": subset, "tta": tta, "diameter": diameter, "model": str(model.path),
-              "thresholds": model.thresholds_for(tta), "object_scorer": model.scorer_for(tta).info if model.scorer_for(tta) else None,
+              "thresholds": model.thresholds_for(tta), "object_scorer": scorer.info if scorer else None,
               "summary": result["summary"], "by_type": result["by_type"],
               "skipped": problems}
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
