@@ -156,6 +156,8 @@ def test_a_scorer_learnt_on_tta_maps_serves_tta_prediction_only(fitted, tmp_path
     np.testing.assert_array_equal(model.tta_scorer.mean, tta_scorer.mean)
     image = items[2][1]
     maps, tta_maps = model.maps_from_normalized(image), model.maps_from_normalized(image, tta=True)
+    f = object_features(tta_maps, instances(tta_maps, "flow", model.thresholds_for(True)))
+    assert np.abs(model.tta_scorer.probabilities(f) - model.scorer.probabilities(f)).max() > 1e-3  # two different scorers
     np.testing.assert_array_equal(model.predict(image, scale=(0.0, 1.0), diameter=None),
                                   model.scorer.segment(maps, model.design, model.thresholds_for(False)))
     np.testing.assert_array_equal(model.predict(image, tta=True, scale=(0.0, 1.0), diameter=None),
