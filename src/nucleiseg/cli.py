@@ -460,7 +460,7 @@ def cmd_info(args) -> int:
               f"trained on nuclei of median diameter {model.config.get('nucleus_diameter', '?')} px)")
         print("object scorer: " + (f"yes ({model.scorer.info.get('trained_on', '?')}; --no-object-scorer to skip)"
                                    if model.scorer else "none (the tuned watershed alone)")
-              + ("; another learnt on TTA maps for --tta" if model.tta_scorer else ""))
+              + ("; with --tta: one learnt on TTA maps" if model.tta_scorer else ""))
     except ValueError as exc:
         print(f"default model: unavailable ({exc})")
     try:
