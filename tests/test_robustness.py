@@ -162,6 +162,7 @@ def test_dataset_problems_are_named(tmp_path):
     ("other_architecture", "architecture"),
     ("wrong_tensors", "do not match config.json"),
     ("bad_json", "not valid JSON"),
+    ("small_blocks", "block_size 512 is too small"),
 ])
 def test_damaged_model_folders_are_refused(tmp_path, damage, words):
     folder = tmp_path / "model"
@@ -181,6 +182,8 @@ def test_damaged_model_folders_are_refused(tmp_path, damage, words):
         (folder / "config.json").write_text(json.dumps({**config, "architecture": arch}))
     elif damage == "bad_json":
         (folder / "config.json").write_text("{not json")
+    elif damage == "small_blocks":  # blocks of 256 px with a 256 px halo would not fit in 512: split again and again
+        (folder / "config.json").write_text(json.dumps({**config, "inference": {**config["inference"], "block_size": 512}}))
     with pytest.raises(ModelError, match=words):
         Model.load(folder)
 

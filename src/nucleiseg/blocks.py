@@ -27,7 +27,8 @@ def _owned_objects(model, array, core, halo: int, scale, tile_size, tta=False, t
     window = np.asarray(array[wy0:wy1, wx0:wx1])
     if grey and window.ndim == 3:
         window = window[..., 0]
-    labels = model.predict(window, scale=scale, tile_size=tile_size, tta=tta, thresholds=thresholds, diameter=diameter)
+    labels = model.predict(window, scale=scale, tile_size=tile_size, tta=tta, thresholds=thresholds, diameter=diameter,
+                           route=False)
     if labels.max() == 0:
         return []
     index = np.arange(1, labels.max() + 1)
@@ -54,7 +55,8 @@ def segment_blocks(model, array, out, block: int = 2048, halo: int = 128, scale:
     even a block whose channels happen to be equal in a colour image. ``diameter``: each
     block is zoomed to the model's trained nucleus size (see ``Model.predict``); the halo, given in
     network pixels, grows with the zoom so blocks keep the same context. With a Dask ``client`` the
-    blocks run on its workers. Returns the number of nuclei.
+    blocks run on its workers. Returns the number of nuclei. Every block is segmented by ``model`` itself: give
+    the specialist for the whole image's type (``Model.specialist_for``) where the model has specialists.
     """
     from tqdm.auto import tqdm
 

@@ -272,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit_scorer(sub)
     _add_predict(sub)
     _add_export(sub)
+    _add_specialist(sub)
     _add_download(sub)
     sub.add_parser("info", help="version, default model, backends, threads")
     return parser
@@ -337,6 +338,18 @@ def _add_export(sub) -> None:
     p.add_argument("--model", default=None, help="model folder (default: the bundled model)")
     p.add_argument("--format", default="onnx", choices=["onnx"])
     p.add_argument("-o", "--out", default="model.onnx")
+
+
+def _add_specialist(sub) -> None:
+    p = sub.add_parser("add-specialist", help="let a second model segment one type of image for a model",
+                       description="Copy SPECIALIST (a model folder) into MODEL's folder as the model for one image type "
+                                   "(fluorescence: grey on dark, brightfield: grey on bright, histology: coloured; judged "
+                                   "per image from colour statistics). Predict and evaluate then hand those images to it; "
+                                   "tune and fit-scorer work on each folder on its own.",
+                       epilog="example: nucleiseg add-specialist --model my-model --image-type brightfield --specialist runs/bf/model")
+    p.add_argument("--model", required=True, help="model folder to add the specialist to (not the bundled one)")
+    p.add_argument("--image-type", required=True, choices=["fluorescence", "brightfield", "histology"])
+    p.add_argument("--specialist", required=True, help="model folder of the specialist (copied)")
 
 
 def _add_download(sub) -> None:
@@ -429,8 +442,20 @@ def cmd_predict(args) -> int:
 def cmd_export(args) -> int:
     from .model import Model
 
-    path = Model.load(args.model).export_onnx(args.out)
+    model = Model.load(args.model)
+    path = model.export_onnx(args.out)
     print(f"exported {path} (input 'image' N x 3 x H x W float32, H and W multiples of 32; output 'maps')")
+    for kind, specialist in model.specialists.items():
+        extra = specialist.export_onnx(path.with_name(f"{path.stem}_{kind}{path.suffix}"))
+        print(f"exported {extra}: the model's specialist for {kind} images (same input and output)")
+    return 0
+
+
+def cmd_add_specialist(args) -> int:
+    from .model import attach_specialist
+
+    target = attach_specialist(args.model, args.image_type, args.specialist)
+    print(f"{target}: segments the {args.image_type} images given to {args.model}")
     return 0
 
 
@@ -461,6 +486,9 @@ def cmd_info(args) -> int:
         print("object scorer: " + (f"yes ({model.scorer.info.get('trained_on', '?')}; --no-object-scorer to skip)"
                                    if model.scorer else "none (the tuned watershed alone)")
               + ("; with --tta: one learnt on TTA maps" if model.tta_scorer else ""))
+        for kind, specialist in model.specialists.items():
+            print(f"specialist for {kind} images: {specialist.path} (its own network, thresholds"
+                  f"{' and object scorer' if specialist.scorer else ''})")
     except ValueError as exc:
         print(f"default model: unavailable ({exc})")
     try:
@@ -474,7 +502,7 @@ def cmd_info(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "tune": cmd_tune, "fit-scorer": cmd_fit_scorer, "predict": cmd_predict, "export": cmd_export,
-            "download": cmd_download, "info": cmd_info}
+            "add-specialist": cmd_add_specialist, "download": cmd_download, "info": cmd_info}
 
 
 def _diameter(text: str) -> float | str | None:

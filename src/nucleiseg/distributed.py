@@ -123,7 +123,8 @@ def segment_large(model, source, out: str | os.PathLike, block: int = 2048, halo
 
     Memory is bounded by the block (+ halo) size. With a Dask ``client`` the blocks run on its workers
     (the model is sent once per worker); the driver writes the objects in block order. ``diameter`` as
-    in ``Model.predict``; 'auto' measures the nuclei in five windows (:func:`lazy_windows`).
+    in ``Model.predict``; 'auto' measures the nuclei in five windows (:func:`lazy_windows`), which also choose
+    the model's specialist for the image's type, if it has one.
     """
     import zarr
 
@@ -134,9 +135,11 @@ def segment_large(model, source, out: str | os.PathLike, block: int = 2048, halo
     h, w = array.shape[:2]
     pixels = lazy_pixels(array)
     scale, grey = intensity_scale(pixels, model.config["normalization"]), is_grey(pixels)
-    if isinstance(diameter, str):  # 'auto' (or a wrong word: one error message, Model.resolve_diameter's)
+    if isinstance(diameter, str) or model.specialists:
         windows = [win[..., 0] if grey and win.ndim == 3 else win for win in lazy_windows(array)]
-        diameter = model.resolve_diameter(diameter, windows, tile_size=tile_size, scale=scale)
+        model = model.specialist_for(windows, scale)  # one model for all blocks, chosen by the image's type
+        if isinstance(diameter, str):  # 'auto' (or a wrong word: one error message, Model.resolve_diameter's)
+            diameter = model.resolve_diameter(diameter, windows, tile_size=tile_size, scale=scale)
     out_arr = zarr.open(str(out), mode="w", shape=(h, w), chunks=(min(1024, h), min(1024, w)), dtype="uint32")
     segment_blocks(model, array, out_arr, block=block, halo=halo, scale=scale, tile_size=tile_size,
                    progress=progress, client=client, diameter=diameter, grey=grey)

@@ -135,7 +135,9 @@ def evaluate_items(model, items: list[tuple[str, np.ndarray, np.ndarray]], maps:
                    tta: bool = False, keep_predictions: bool = False, diameter: float | str | None = None,
                    types: dict[str, str] | None = None) -> dict:
     """Metrics for cached (name, normalised image, labels) items: per-image rows, summary, per type
-    (``types`` by name from ``data.load_items``, else judged from the normalised images).
+    (``types`` by name from ``data.load_items``, else judged from the normalised images). Each image is
+    segmented by the model's specialist for its type where it has one, except with cached ``maps`` (of the
+    model's own network).
 
     ``diameter`` None scores each image at its own size (what thresholds are tuned on); 'auto' or a number
     scores what ``nucleiseg predict`` writes with that ``--diameter`` (images zoomed to the trained size)."""
@@ -145,12 +147,15 @@ def evaluate_items(model, items: list[tuple[str, np.ndarray, np.ndarray]], maps:
     inter = union = correct = total = 0
     for i, (name, image, true) in enumerate(items):
         started = time.perf_counter()
-        if diameter is not None:  # the image is normalised already: a fixed identity scale
-            pred = model.predict(image, tta=tta, scale=(0.0, 1.0), diameter=diameter)
+        kind = types[name] if types else image_type(image, model.config["normalization"])
+        if maps is not None:  # maps of the model's own network (e.g. while tuning its thresholds)
+            pred = model.segment(maps[i], model.thresholds_for(tta), tta)
+        elif diameter is not None:  # the image is normalised already: a fixed identity scale
+            pred = model.for_type(kind).predict(image, tta=tta, scale=(0.0, 1.0), diameter=diameter, route=False)
         else:
-            m = maps[i] if maps is not None else model.maps_from_normalized(image, tta=tta)
-            pred = model.segment(m, model.thresholds_for(tta), tta)
-        row = {"image": name, "type": types[name] if types else image_type(image, model.config["normalization"]),
+            sub = model.for_type(kind)  # its specialist for this type of image, if it has one
+            pred = sub.segment(sub.maps_from_normalized(image, tta=tta), sub.thresholds_for(tta), tta)
+        row = {"image": name, "type": kind,
                "height": true.shape[0], "width": true.shape[1],
                **pixel_metrics(true > 0, pred > 0), **instance_metrics(true, pred),
                "seconds": time.perf_counter() - started}
@@ -193,6 +198,9 @@ def evaluate(model, data: str | Path, out: str | Path, labels: str | None = None
     scorer = model.scorer_for(tta)
     report = {"data": str(data), "subset": subset, "tta": tta, "diameter": diameter, "model": str(model.path),
               "thresholds": model.thresholds_for(tta), "object_scorer": scorer.info if scorer else None,
+              "specialists": {kind: {"model": str(m.path), "thresholds": m.thresholds_for(tta),
+                                     "object_scorer": m.scorer_for(tta).info if m.scorer_for(tta) else None}
+                              for kind, m in model.specialists.items()},
               "summary": result["summary"], "by_type": result["by_type"],
               "skipped": problems}
     (out / "metrics.json").write_text(json.dumps(report, indent=2))

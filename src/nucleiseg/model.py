@@ -6,6 +6,9 @@ thresholds tuned on validation data; under its key ``tta``, those tuned on test-
 are smoother and want their own), optionally ``object_scorer.safetensors`` (the second-level object scorer of
 :mod:`nucleiseg.objects`, used unless the threshold ``object_scorer`` is 0) and ``object_scorer_tta.safetensors`` (one
 learnt on TTA maps, used with TTA in place of the first), ``metrics.json`` and a model card ``README.md``.
+A folder may also hold *specialists*: complete model folders in subfolders named after an image type
+(``config['specialists']``, e.g. ``{"brightfield": "brightfield"}``), which segment the images of that type
+(:func:`evaluate.image_type`) in its place.
 Loading validates everything before any weight is copied: a mismatch is a clear error, never a
 half-loaded model.
 """
@@ -28,7 +31,7 @@ from .network import DEFAULT_DECODER, STRIDE, UNet
 from .objects import ObjectScorer, scorer_file
 from .postprocess import DEFAULT_THRESHOLDS, instances
 from .targets import DESIGNS, N_RAYS, n_channels, ray_channels, vector_channels
-from .transforms import DEFAULT_NORMALIZATION, normalize
+from .transforms import DEFAULT_NORMALIZATION, intensity_scale, normalize
 
 FORMAT = "nucleiseg-model"
 FORMAT_VERSION = 1
@@ -112,6 +115,18 @@ def validate_config(config: dict, where: str = "config.json") -> None:
     diameter = config.get("nucleus_diameter")
     if diameter is not None and not (isinstance(diameter, (int, float)) and diameter > 0):
         fail(f"nucleus_diameter must be a positive number of pixels, not {diameter!r}")
+    inference = config.get("inference", {})
+    block, overlap = inference.get("block_size", 4096), inference.get("tile_overlap", TILE_OVERLAP)
+    if -(-(block // 2) // STRIDE) * STRIDE + 2 * -(-overlap // STRIDE) * STRIDE > block:  # see Model.predict
+        fail(f"inference.block_size {block} is too small for tile_overlap {overlap}: a block of half that size with "
+             "the overlap on each side must fit in it")
+    specialists = config.get("specialists", {})
+    from .evaluate import IMAGE_TYPES
+
+    if not isinstance(specialists, dict) or not all(k in IMAGE_TYPES and isinstance(v, str) and v and "/" not in v
+                                                     and "\\" not in v and v not in (".", "..")
+                                                     for k, v in specialists.items()):
+        fail(f"specialists must map image types ({', '.join(IMAGE_TYPES)}) to subfolder names, not {specialists!r}")
 
 
 def build_network(config: dict) -> UNet:
@@ -135,6 +150,7 @@ class Model:
         self.path = path
         self.scorer: ObjectScorer | None = None
         self.tta_scorer: ObjectScorer | None = None  # learnt on TTA maps; with TTA, self.scorer serves when None
+        self.specialists: dict[str, Model] = {}  # image type -> the model that segments images of that type
         self.backend = "torch"
         self._runner = TorchRunner(MapsNet(self.net, self.design))
 
@@ -198,9 +214,29 @@ class Model:
                 raise ModelError(f"{file}: unusable object scorer ({exc}); learn a new one with nucleiseg fit-scorer"
                                  f"{' --tta' if tta else ''}, or remove the file to use the watershed alone") from None
             setattr(model, "tta_scorer" if tta else "scorer", scorer)
+        for kind, sub in config.get("specialists", {}).items():
+            specialist = cls.load(path / sub, backend=backend, object_scorer=object_scorer)
+            if specialist.specialists:
+                raise ModelError(f"{path / sub}: a specialist cannot have specialists of its own")
+            if specialist.config["normalization"] != config["normalization"]:
+                raise ModelError(f"{path / sub}: a specialist must normalise images as the model does "
+                                 "(config 'normalization')")
+            model.specialists[kind] = specialist
         if backend != "torch":
             model.use_backend(backend)
         return model
+
+    def add_specialist(self, kind: str, specialist: "Model") -> None:
+        """Let ``specialist`` segment the images of type ``kind`` (:data:`evaluate.IMAGE_TYPES`); saved in the
+        subfolder ``kind`` of this model's folder by :meth:`save`."""
+        if specialist.specialists:
+            raise ModelError("a specialist cannot have specialists of its own")
+        if specialist.config["normalization"] != self.config["normalization"]:
+            raise ModelError("a specialist must normalise images as the model does (config 'normalization')")
+        config = {**self.config, "specialists": {**self.config.get("specialists", {}), kind: kind}}
+        validate_config(config, "specialists")
+        self.config = config
+        self.specialists[kind] = specialist
 
     def save(self, path: str | os.PathLike, half: bool = False, metrics: dict | None = None) -> Path:
         """Write the model folder; ``half`` stores fp16 weights (the bundled model), loaded back as fp32."""
@@ -219,6 +255,8 @@ class Model:
                 scorer.save(path / scorer_file(tta))
         if metrics is not None:
             _write_json(path / "metrics.json", metrics)
+        for kind, specialist in self.specialists.items():
+            specialist.save(path / self.config["specialists"][kind], half=half)
         return path
 
     def save_thresholds(self) -> Path:
@@ -252,6 +290,8 @@ class Model:
         else:
             raise ValueError(f"unknown backend {backend!r}; use 'torch' or 'onnx'")
         self.backend = backend
+        for specialist in self.specialists.values():
+            specialist.use_backend(backend, threads=threads)
 
     def _cached_onnx(self) -> Path:
         from .weights import cache_dir
@@ -267,6 +307,29 @@ class Model:
         return target
 
     # ---- prediction ------------------------------------------------------------------------------
+    def for_type(self, kind: str) -> "Model":
+        """The model that segments images of type ``kind``: its specialist, else this model."""
+        return self.specialists.get(kind, self)
+
+    def specialist_for(self, image: np.ndarray | Sequence[np.ndarray], scale: tuple[float, float] | None = None) -> "Model":
+        """The model for a raw image (or windows of one image, by majority): the specialist for its type
+        (:func:`evaluate.image_type`, judged on a subsample normalised as ``predict`` normalises), else this model."""
+        if not self.specialists:
+            return self
+        from collections import Counter
+
+        from .evaluate import image_type
+        from .transforms import is_inverted
+
+        norm = self.config["normalization"]
+        kinds = []
+        for window in [image] if isinstance(image, np.ndarray) else image:
+            step = max(1, int(np.sqrt(window.shape[0] * window.shape[1] / 2**20)))  # ~1M pixels decide the type
+            view = np.asarray(window[::step, ::step])
+            window_scale = scale if scale is not None else intensity_scale(view, norm)
+            kinds.append(image_type(normalize(view, norm, window_scale), norm, is_inverted(window_scale)))
+        return self.for_type(Counter(kinds).most_common(1)[0][0])
+
     def predict_maps(self, image: np.ndarray, tta: bool = False, tile_size: int | None = None,
                      scale: tuple[float, float] | None = None) -> np.ndarray:
         """Probability maps (C, H, W) for a raw (H, W) or (H, W, 3) image of any dtype and size.
@@ -335,7 +398,7 @@ class Model:
 
     def predict(self, image: np.ndarray, tta: bool = False, tile_size: int | None = None,
                 thresholds: dict | None = None, scale: tuple[float, float] | None = None,
-                diameter: float | str | None = "auto") -> np.ndarray:
+                diameter: float | str | None = "auto", route: bool = True) -> np.ndarray:
         """Instance labels (H, W) for a raw image: 0 background, 1..N one label per nucleus.
 
         ``diameter``: typical nucleus diameter in this image (pixels): the image is zoomed to the trained
@@ -343,8 +406,15 @@ class Model:
         zoomed back (like Cellpose's diameter). 'auto' (default): measured by a quick first pass and used
         only when the nuclei are far larger than the trained ones (:meth:`auto_diameter`); None: as it is.
         Images with more than ``inference.block_size`` squared pixels are segmented block by block
-        (:mod:`nucleiseg.blocks`), so memory stays bounded by the block size.
+        (:mod:`nucleiseg.blocks`), so memory stays bounded by the block size. ``route``: hand the image to
+        the specialist for its type when this model has one (:meth:`specialist_for`); False: this model's network
+        (for blocks or zoomed copies of an image routed already).
         """
+        if route:
+            model = self.specialist_for(image, scale)
+            if model is not self:
+                return model.predict(image, tta=tta, tile_size=tile_size, thresholds=thresholds, scale=scale,
+                                     diameter=diameter, route=False)
         diameter = self.resolve_diameter(diameter, image, tile_size=tile_size, scale=scale)
         factor = self.rescale_factor(diameter)
         if abs(factor - 1.0) > 0.02:
@@ -370,7 +440,8 @@ class Model:
         zoomed = resize(image.astype(np.float32), size, order=1, preserve_range=True, anti_aliasing=factor < 1)
         t = self.thresholds_for(tta, thresholds)
         t["min_size"] = t["min_size"] * factor ** 2  # the size limit is in pixels of the original image
-        labels = self.predict(zoomed.astype(np.float32, copy=False), tta=tta, thresholds=t, diameter=None, **kwargs)
+        labels = self.predict(zoomed.astype(np.float32, copy=False), tta=tta, thresholds=t, diameter=None, route=False,
+                              **kwargs)
         if not zoom_back:
             return labels
         back = resize(labels, (h, w), order=0, preserve_range=True, anti_aliasing=False).astype(labels.dtype)
@@ -386,6 +457,27 @@ class Model:
                 yield Path(p), exc
                 continue
             yield Path(p), self.predict(image, **kwargs)
+
+
+def attach_specialist(folder: str | os.PathLike, kind: str, source: str | os.PathLike) -> Path:
+    """Copy the model folder ``source`` into ``folder``/``kind`` as the specialist for images of type ``kind``
+    and record it in ``folder``'s config.json (a specialist there before is replaced). Both are validated first."""
+    import shutil
+
+    folder, source = Path(folder), Path(source)
+    if folder.resolve() == DEFAULT_MODEL_DIR.resolve():
+        raise ModelError("the bundled model is not changed in place: copy its folder and give the copy")
+    model, specialist = Model.load(folder), Model.load(source)
+    model.add_specialist(kind, specialist)
+    target = folder / kind
+    if target.resolve() == source.resolve():
+        raise ModelError(f"{source}: already in place; give a folder outside {folder}")
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target)
+    _write_json(folder / "config.json", model.config)
+    Model.load(folder)  # the folder as written loads
+    return target
 
 
 def load(path: str | os.PathLike | None = None, backend: str = "torch") -> Model:
