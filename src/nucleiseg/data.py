@@ -20,7 +20,7 @@ import torch
 from .datasets import FIXED_LABELS
 from .io import ImageError, is_image_file, read_image, read_labels
 from .targets import encode
-from .transforms import intensity_scale, is_inverted, normalize
+from .transforms import image_type, intensity_scale, is_inverted, normalize
 
 log = logging.getLogger(__name__)
 LABEL_DIR_PREFERENCE = (FIXED_LABELS, "labels")  # the DSB2018 community fixes first
@@ -224,11 +224,9 @@ def load_items(samples: list[Sample], normalization: dict | None = None, progres
 
     With a ``problems`` list, unreadable samples are skipped and described there (one line each);
     without it the first problem raises. A ``types`` dict receives each image's type
-    (``evaluate.image_type``), judged before normalisation could invert it.
+    (``transforms.image_type``), judged before normalisation could invert it.
     """
     from tqdm.auto import tqdm
-
-    from .evaluate import image_type
 
     items = []
     for s in tqdm(samples, desc="loading", disable=not progress):

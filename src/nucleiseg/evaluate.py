@@ -17,24 +17,7 @@ from .data import find_samples, load_items
 from .figures import outlines_figure
 from .metrics import instance_metrics, pixel_metrics, pooled_dsb_score, pooled_matching
 from .postprocess import WITH_FLOWS, instances
-from .transforms import gamma_grey
-
-IMAGE_TYPES = ("fluorescence", "brightfield", "histology")
-
-
-def image_type(image: np.ndarray, normalization: dict | None = None, inverted: bool = False) -> str:
-    """Group a normalised image by colour statistics: grey on dark = fluorescence, grey on bright =
-    brightfield, coloured = histology (stained tissue). ``normalization``: the settings it was normalised
-    with, so that a grey image given as ``grey_gammas`` channels still counts as grey; ``inverted``: whether
-    normalisation inverted it (``"invert": "auto"``), which turns grey on bright into grey on dark."""
-    grey = gamma_grey(image, normalization)
-    img = np.asarray(image if grey is None else grey, np.float32)
-    if img.ndim == 3 and img.shape[2] == 3:
-        spread = float(np.mean(np.abs(img[..., 0] - img[..., 1]) + np.abs(img[..., 1] - img[..., 2])))
-        if spread > 0.04:
-            return "histology"
-        img = img.mean(axis=2)
-    return "brightfield" if inverted or float(np.median(img)) > 0.5 else "fluorescence"
+from .transforms import IMAGE_TYPES, image_type
 
 
 def _score(maps: list[np.ndarray], labels: list[np.ndarray], design: str, thresholds: dict) -> float:

@@ -8,7 +8,7 @@ are smoother and want their own), optionally ``object_scorer.safetensors`` (the 
 learnt on TTA maps, used with TTA in place of the first), ``metrics.json`` and a model card ``README.md``.
 A folder may also hold *specialists*: complete model folders in subfolders named after an image type
 (``config['specialists']``, e.g. ``{"brightfield": "brightfield"}``), which segment the images of that type
-(:func:`evaluate.image_type`) in its place.
+(:func:`transforms.image_type`) in its place.
 Loading validates everything before any weight is copied: a mismatch is a clear error, never a
 half-loaded model.
 """
@@ -31,7 +31,7 @@ from .network import DEFAULT_DECODER, STRIDE, UNet
 from .objects import ObjectScorer, scorer_file
 from .postprocess import DEFAULT_THRESHOLDS, instances
 from .targets import DESIGNS, N_RAYS, n_channels, ray_channels, vector_channels
-from .transforms import DEFAULT_NORMALIZATION, intensity_scale, normalize
+from .transforms import DEFAULT_NORMALIZATION, IMAGE_TYPES, image_type, intensity_scale, is_inverted, normalize
 
 FORMAT = "nucleiseg-model"
 FORMAT_VERSION = 1
@@ -121,8 +121,6 @@ def validate_config(config: dict, where: str = "config.json") -> None:
         fail(f"inference.block_size {block} is too small for tile_overlap {overlap}: a block of half that size with "
              "the overlap on each side must fit in it")
     specialists = config.get("specialists", {})
-    from .evaluate import IMAGE_TYPES
-
     if not isinstance(specialists, dict) or not all(k in IMAGE_TYPES and isinstance(v, str) and v and "/" not in v
                                                      and "\\" not in v and v not in (".", "..")
                                                      for k, v in specialists.items()):
@@ -227,7 +225,7 @@ class Model:
         return model
 
     def add_specialist(self, kind: str, specialist: "Model") -> None:
-        """Let ``specialist`` segment the images of type ``kind`` (:data:`evaluate.IMAGE_TYPES`); saved in the
+        """Let ``specialist`` segment the images of type ``kind`` (:data:`transforms.IMAGE_TYPES`); saved in the
         subfolder ``kind`` of this model's folder by :meth:`save`."""
         if specialist.specialists:
             raise ModelError("a specialist cannot have specialists of its own")
@@ -313,13 +311,10 @@ class Model:
 
     def specialist_for(self, image: np.ndarray | Sequence[np.ndarray], scale: tuple[float, float] | None = None) -> "Model":
         """The model for a raw image (or windows of one image, by majority): the specialist for its type
-        (:func:`evaluate.image_type`, judged on a subsample normalised as ``predict`` normalises), else this model."""
+        (:func:`transforms.image_type`, judged on a subsample normalised as ``predict`` normalises), else this model."""
         if not self.specialists:
             return self
         from collections import Counter
-
-        from .evaluate import image_type
-        from .transforms import is_inverted
 
         norm = self.config["normalization"]
         kinds = []

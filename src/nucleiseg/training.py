@@ -142,13 +142,13 @@ def crops_per_item(items, crops_per_image: int, type_balance: float = 0.0,
     > 0 proportional to (frequency of the image's type) ** -type_balance, scaled to average
     ``crops_per_image`` before rounding (at least 1 each), so rare image types (brightfield, histology
     among mostly fluorescence) are seen more often. ``normalization``: the settings the items were
-    normalised with (see ``evaluate.image_type``); ``types``: the items' types by name, where known
+    normalised with (see ``transforms.image_type``); ``types``: the items' types by name, where known
     (``data.load_items``; needed for images that normalisation inverted)."""
     counts = np.full(len(items), crops_per_image)
     if type_balance > 0 and items:
         from collections import Counter
 
-        from .evaluate import image_type
+        from .transforms import image_type
 
         kinds = [types[name] if types else image_type(image, normalization) for name, image, _ in items]
         freq = Counter(kinds)

@@ -1,4 +1,5 @@
-"""Pre-processing shared by training and prediction: intensity normalisation and padding."""
+"""Pre-processing shared by training and prediction: intensity normalisation, padding, and the image type
+(fluorescence / brightfield / histology) judged from a normalised image's colour statistics."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,6 +10,7 @@ DEFAULT_NORMALIZATION = {"method": "percentile", "low": 1.0, "high": 99.8, "robu
 # ``"invert": "auto"`` (optional key) turns images with a bright background (median above half the range:
 # brightfield, stained tissue) into dark-background ones, so every modality shows bright nuclei on dark
 INVERT_MODES = (False, "auto")
+IMAGE_TYPES = ("fluorescence", "brightfield", "histology")  # judged by image_type
 _MAX_SAMPLES = 1 << 20  # percentiles from at most ~1M pixels: exact enough, fast on huge images
 
 
@@ -93,6 +95,21 @@ def gamma_grey(image: np.ndarray, normalization: dict | None) -> np.ndarray | No
     if not all(np.allclose(few[..., k], grey ** np.float32(g), atol=1e-3) for k, g in enumerate(gammas) if k):
         return None
     return np.clip(image[..., 0].astype(np.float32), 0, None) ** np.float32(1 / gammas[0])
+
+
+def image_type(image: np.ndarray, normalization: dict | None = None, inverted: bool = False) -> str:
+    """Group a normalised image by colour statistics: grey on dark = fluorescence, grey on bright =
+    brightfield, coloured = histology (stained tissue). ``normalization``: the settings it was normalised
+    with, so that a grey image given as ``grey_gammas`` channels still counts as grey; ``inverted``: whether
+    normalisation inverted it (``"invert": "auto"``), which turns grey on bright into grey on dark."""
+    grey = gamma_grey(image, normalization)
+    img = np.asarray(image if grey is None else grey, np.float32)
+    if img.ndim == 3 and img.shape[2] == 3:
+        spread = float(np.mean(np.abs(img[..., 0] - img[..., 1]) + np.abs(img[..., 1] - img[..., 2])))
+        if spread > 0.04:
+            return "histology"
+        img = img.mean(axis=2)
+    return "brightfield" if inverted or float(np.median(img)) > 0.5 else "fluorescence"
 
 
 def pad_to_multiple(array: np.ndarray, multiple: int, mode: str = "reflect") -> tuple[np.ndarray, tuple[int, int]]:
