@@ -214,11 +214,8 @@ class Model:
             setattr(model, "tta_scorer" if tta else "scorer", scorer)
         for kind, sub in config.get("specialists", {}).items():
             specialist = cls.load(path / sub, backend=backend, object_scorer=object_scorer)
-            if specialist.specialists:
-                raise ModelError(f"{path / sub}: a specialist cannot have specialists of its own")
-            if specialist.config["normalization"] != config["normalization"]:
-                raise ModelError(f"{path / sub}: a specialist must normalise images as the model does "
-                                 "(config 'normalization')")
+            if problem := model._specialist_problem(specialist):
+                raise ModelError(f"{path / sub}: {problem}")
             model.specialists[kind] = specialist
         if backend != "torch":
             model.use_backend(backend)
@@ -227,14 +224,20 @@ class Model:
     def add_specialist(self, kind: str, specialist: "Model") -> None:
         """Let ``specialist`` segment the images of type ``kind`` (:data:`transforms.IMAGE_TYPES`); saved in the
         subfolder ``kind`` of this model's folder by :meth:`save`."""
-        if specialist.specialists:
-            raise ModelError("a specialist cannot have specialists of its own")
-        if specialist.config["normalization"] != self.config["normalization"]:
-            raise ModelError("a specialist must normalise images as the model does (config 'normalization')")
+        if problem := self._specialist_problem(specialist):
+            raise ModelError(problem)
         config = {**self.config, "specialists": {**self.config.get("specialists", {}), kind: kind}}
         validate_config(config, "specialists")
         self.config = config
         self.specialists[kind] = specialist
+
+    def _specialist_problem(self, specialist: "Model") -> str | None:
+        """Why ``specialist`` cannot serve this model (None if it can): images reach it normalised as for this model."""
+        if specialist.specialists:
+            return "a specialist cannot have specialists of its own"
+        if specialist.config["normalization"] != self.config["normalization"]:
+            return "a specialist must normalise images as the model does (config 'normalization')"
+        return None
 
     def save(self, path: str | os.PathLike, half: bool = False, metrics: dict | None = None) -> Path:
         """Write the model folder; ``half`` stores fp16 weights (the bundled model), loaded back as fp32."""
