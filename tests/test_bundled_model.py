@@ -22,6 +22,11 @@ def test_model_folder_is_complete_and_small():
     assert config["design"] in ("contour", "distance", "flow") and config["training"]["encoder_weights"]
     card = (DEFAULT_MODEL_DIR / "README.md").read_text()
     assert "CC0" in card and "nucleiseg train" in card
+    for kind, sub in config.get("specialists", {}).items():  # each a complete, small model folder, named in the card
+        for name in ("config.json", "weights.safetensors", "thresholds.json"):
+            assert (DEFAULT_MODEL_DIR / sub / name).is_file(), (kind, name)
+        assert (DEFAULT_MODEL_DIR / sub / "weights.safetensors").stat().st_size < 10 * 2**20
+        assert f"Specialist for {kind} images" in card
 
 
 def test_examples_give_plausible_nuclei():
