@@ -159,6 +159,12 @@ def evaluate_items(model, items: list[tuple[str, np.ndarray, np.ndarray]], maps:
     return result
 
 
+def _settings(model, tta: bool) -> dict:
+    """What a model segments with, for the report: its folder, thresholds and object scorer."""
+    scorer = model.scorer_for(tta)
+    return {"model": str(model.path), "thresholds": model.thresholds_for(tta), "object_scorer": scorer.info if scorer else None}
+
+
 def evaluate(model, data: str | Path, out: str | Path, labels: str | None = None, subset: str = "all",
              tta: bool = False, progress: bool = True, diameter: float | str | None = None) -> dict:
     """Evaluate ``model`` on a dataset folder; write metrics.json, per_image.csv and figures into ``out``.
@@ -178,12 +184,8 @@ def evaluate(model, data: str | Path, out: str | Path, labels: str | None = None
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    scorer = model.scorer_for(tta)
-    report = {"data": str(data), "subset": subset, "tta": tta, "diameter": diameter, "model": str(model.path),
-              "thresholds": model.thresholds_for(tta), "object_scorer": scorer.info if scorer else None,
-              "specialists": {kind: {"model": str(m.path), "thresholds": m.thresholds_for(tta),
-                                     "object_scorer": m.scorer_for(tta).info if m.scorer_for(tta) else None}
-                              for kind, m in model.specialists.items()},
+    report = {"data": str(data), "subset": subset, "tta": tta, "diameter": diameter, **_settings(model, tta),
+              "specialists": {kind: _settings(m, tta) for kind, m in model.specialists.items()},
               "summary": result["summary"], "by_type": result["by_type"],
               "skipped": problems}
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
