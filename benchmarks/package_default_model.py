@@ -5,7 +5,8 @@
 
 ``--validation`` is the run of the same recipe on the 80:20 split (its thresholds were tuned on the
 validation images and copied into the final run), or a record of it holding its ``config.json``
-(``benchmarks/records/<run>/``); its evaluation supplies the model card's figures.
+(``benchmarks/records/<run>/``); its evaluation supplies the model card's figures. The folder is replaced whole:
+specialists (``brightfield/``) are added again afterwards with ``benchmarks/package_specialist.py``.
 """
 from __future__ import annotations
 

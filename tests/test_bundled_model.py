@@ -29,6 +29,15 @@ def test_model_folder_is_complete_and_small():
         assert f"Specialist for {kind} images" in card
 
 
+def test_examples_go_to_the_model_for_their_type():
+    """Each bundled example is named by its type; an image of a type with a specialist goes to that specialist."""
+    model = nucleiseg.load()
+    for path in EXAMPLES:
+        kind = path.name.split("_")[0]
+        chosen = model.specialist_for(read_image(path))
+        assert chosen is model.specialists.get(kind, model), (path.name, kind)
+
+
 def test_examples_give_plausible_nuclei():
     model = nucleiseg.load()
     assert len(EXAMPLES) == 3

@@ -13,14 +13,24 @@ from nucleiseg.synthetic import nuclei_image
 from nucleiseg.transforms import normalize
 
 
+def plain_copy(dest):
+    """The bundled model's own network, thresholds and scorer, without the specialists it ships with."""
+    shutil.copytree(DEFAULT_MODEL_DIR, dest)
+    config = json.loads((dest / "config.json").read_text())
+    for sub in config.pop("specialists", {}).values():
+        shutil.rmtree(dest / sub)
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest
+
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """The bundled model with a brightfield specialist that finds nothing (its min_size is huge), so where an image
     went shows in the labels; and that specialist's own folder."""
     root = tmp_path_factory.mktemp("specialists")
     main_folder, finder = root / "main", root / "finds-nothing"
-    shutil.copytree(DEFAULT_MODEL_DIR, main_folder)
-    shutil.copytree(DEFAULT_MODEL_DIR, finder)
+    plain_copy(main_folder)
+    plain_copy(finder)
     thresholds = json.loads((finder / "thresholds.json").read_text())
     thresholds.pop("tta", None)
     thresholds.update(min_size=10**6, object_scorer=0)
@@ -106,8 +116,7 @@ def test_folder_round_trip_and_refusals(folders, tmp_path):
 
 
 def test_add_specialist_and_export_commands(folders, tmp_path, capsys):
-    target = tmp_path / "model"
-    shutil.copytree(DEFAULT_MODEL_DIR, target)
+    target = plain_copy(tmp_path / "model")
     assert main(["add-specialist", "--model", str(target), "--image-type", "histology", "--specialist", str(folders[1])]) == 0
     assert "histology" in capsys.readouterr().out
     assert set(Model.load(target).specialists) == {"histology"}
