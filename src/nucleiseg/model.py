@@ -333,7 +333,8 @@ class Model:
         """Probability maps (C, H, W) for a raw (H, W) or (H, W, 3) image of any dtype and size.
 
         ``scale``: fixed intensity (offset, scale), e.g. of a whole image when this is one of its blocks
-        (give a block of a grey image as 2-D: see :func:`transforms.normalize`).
+        (give a block of a grey image as 2-D: see :func:`transforms.normalize`). Always this model's network, never a
+        specialist's: ``model.specialist_for(image).predict_maps(image)`` gives the maps ``predict`` would use.
         """
         return self.maps_from_normalized(normalize(image, self.config["normalization"], scale), tta, tile_size)
 
